@@ -1,0 +1,1 @@
+"""Triton kernels for the fused Monarch/BTT contractions (installed as structlayers.kernels)."""

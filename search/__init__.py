@@ -1,0 +1,1 @@
+"""Tensor-network structure search (installed as structlayers.search)."""

@@ -1,0 +1,211 @@
+"""StructuredLinear: the common base of every layer, a drop-in replacement for nn.Linear.
+
+A subclass only says which cores it has and which contraction `Program` runs them
+(see program.py), and how to project a dense matrix onto its cores (`_project`). This base does
+the rest: padding/cropping, leading batch dims, bias, `to_dense`, FLOPs, init, `from_dense`.
+"""
+
+from math import prod, sqrt
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .program import Program, Step, run
+from .sizes import check_size
+
+PARAMETERIZATIONS = ("mup", "standard")
+
+
+def core_init_std(fan_in: int, fan_out: int, parameterization: str = "mup") -> float:
+    """muP (spectral) init: sqrt(min(d_in, d_out)) / d_in; standard: 1 / sqrt(d_in)."""
+    if parameterization == "mup":
+        return sqrt(min(fan_in, fan_out)) / fan_in
+    if parameterization == "standard":
+        return 1.0 / sqrt(fan_in)
+    raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+
+
+class StructuredLinear(nn.Module):
+    """y = x W^T + b with W (out_features, in_features) held as structured cores.
+
+    x: (..., in_features) -> y: (..., out_features). Subclasses call `_build` in `__init__`.
+    """
+
+    name = "structured"  # the spec-string name, e.g. "btt"
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = check_size("in_features", in_features)
+        self.out_features = check_size("out_features", out_features)
+        self.precision = None  # a precision policy applied at every core contraction
+
+    def _build(self, program: Program, core_shapes: dict, padded_in: int, padded_out: int,
+               bias: bool, device, dtype, parameterization: str = "mup"):
+        """Register the cores (stored with shapes `core_shapes`) and the bias, then initialise."""
+        self.program = program
+        self.padded_in, self.padded_out = padded_in, padded_out
+        if prod(program.in_shape) != padded_in:
+            raise ValueError(f"program input {program.in_shape} does not multiply to {padded_in}")
+        factory = {"device": device, "dtype": dtype}
+        for step in program.steps:
+            shape = core_shapes[step.core]
+            if prod(shape) != prod(step.core_shape):
+                raise ValueError(f"core {step.core!r}: shape {shape} != step view {step.core_shape}")
+            self.register_parameter(step.core, nn.Parameter(torch.empty(shape, **factory)))
+        self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
+        self.reset_parameters(parameterization)
+
+    # --- the structure -----------------------------------------------------------------------
+    @property
+    def core_steps(self) -> list[tuple[str, nn.Parameter, Step]]:
+        """(name, parameter, step) of every core, in contraction order."""
+        return [(s.core, getattr(self, s.core), s) for s in self.program.steps]
+
+    @property
+    def padded(self) -> bool:
+        return (self.padded_in, self.padded_out) != (self.in_features, self.out_features)
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters, bias included (as for nn.Linear: in*out + out)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self, tokens: int) -> int:
+        """Forward matmul FLOPs (2 x multiply-adds) for `tokens` rows, bias and padding copies
+        excluded; the count torch.utils.flop_counter.FlopCounterMode reports."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
+        return self.program.flops(tokens)
+
+    def structure_args(self) -> dict:
+        """The keyword arguments that rebuild this structure (for repr and spec strings)."""
+        return {}
+
+    @property
+    def spec(self) -> str:
+        args = ",".join(f"{k}={_spec_value(v)}" for k, v in self.structure_args().items())
+        return f"{self.name}:{args}" if args else self.name
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
+        parts += [f"{k}={v}" for k, v in self.structure_args().items()]
+        parts.append(f"bias={self.bias is not None}")
+        if self.padded:
+            parts.append(f"padded=({self.in_features}->{self.padded_in} in, "
+                         f"{self.out_features}->{self.padded_out} out)")
+        return ", ".join(parts)
+
+    # --- init -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, parameterization: str = "mup"):
+        """Gaussian init of every core with the std of its own (fan_in, fan_out); zero bias."""
+        for _, core, step in self.core_steps:
+            core.normal_(0.0, core_init_std(step.fan_in, step.fan_out, parameterization))
+        if self.bias is not None:
+            self.bias.zero_()
+
+    # --- compute --------------------------------------------------------------------------
+    def _cores(self) -> dict:
+        return {name: core for name, core, _ in self.core_steps}
+
+    def _run_padded(self, x: torch.Tensor, cores: dict) -> torch.Tensor:
+        """(T, in_features) -> (T, out_features) through the program, padding and cropping."""
+        if self.padded_in != self.in_features:
+            x = F.pad(x, (0, self.padded_in - self.in_features))
+        y = run(self.program, x, cores, self.precision)
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        y = self._run_padded(x.reshape(-1, self.in_features), self._cores())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact (out_features, in_features) matrix of the map, bias excluded."""
+        core = next(iter(self._cores().values()))
+        eye = torch.eye(self.in_features, device=core.device, dtype=core.dtype)
+        return self._run_padded(eye, self._cores()).T
+
+    # --- projection of a dense matrix ---------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **structure_args):
+        """The layer of this structure closest to `weight` (out, in) (see `project_`)."""
+        out_features, in_features = _check_matrix(weight)
+        layer = cls(in_features, out_features, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype, **structure_args)
+        layer.project_(weight, bias)
+        return layer
+
+    @torch.no_grad()
+    def project_(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 impute_iters: int = 10) -> float:
+        """Set the cores to the projection of `weight` (out, in); return the relative error.
+
+        The projection runs in float64. When the layer is padded, the padded rows/columns are
+        "don't care": they are filled in by alternating projection (start at zero, then repeatedly
+        copy the projection's values there and project again), which never increases the error on
+        the real entries.
+        """
+        if _check_matrix(weight) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must have shape (out_features, in_features) = "
+                             f"({self.out_features}, {self.in_features}), got {tuple(weight.shape)}")
+        target = weight.detach().to(torch.float64)
+        full = target.new_zeros(self.padded_out, self.padded_in)
+        full[: self.out_features, : self.in_features] = target
+        cores = self._project(full)
+        error = self._dense_of(cores) - target
+        for _ in range(impute_iters if self.padded else 0):
+            dense = self._dense_of(cores, crop=False)
+            real = full[: self.out_features, : self.in_features].clone()
+            full.copy_(dense)
+            full[: self.out_features, : self.in_features] = real
+            cores = self._project(full)
+            new_error = self._dense_of(cores) - target
+            if new_error.norm() > error.norm() * (1 - 1e-6):
+                break
+            error = new_error
+        for name, core in self._cores().items():
+            core.copy_(cores[name].reshape(core.shape))
+        if bias is not None:
+            if self.bias is None or bias.shape != self.bias.shape:
+                raise ValueError(f"bias must have shape ({self.out_features},) and the layer a bias")
+            self.bias.copy_(bias)
+        return (error.norm() / target.norm().clamp_min(1e-300)).item()
+
+    def _dense_of(self, cores: dict, crop: bool = True) -> torch.Tensor:
+        """Dense (out, in) matrix of given float64 cores; (padded_out, padded_in) if not crop."""
+        eye = torch.eye(self.padded_in, dtype=torch.float64, device=next(iter(cores.values())).device)
+        dense = run(self.program, eye, cores).T
+        return dense[: self.out_features, : self.in_features] if crop else dense
+
+    def _project(self, weight: torch.Tensor) -> dict:
+        """Cores (name -> float64 tensor) approximating weight (padded_out, padded_in)."""
+        raise NotImplementedError(f"{type(self).__name__} has no projection")
+
+
+def _check_matrix(weight) -> tuple[int, int]:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be a 2-D (out_features, in_features) matrix, "
+                         f"got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or inf")
+    return tuple(weight.shape)
+
+
+def _spec_value(value) -> str:
+    if isinstance(value, tuple | list):
+        return "x".join(str(v) for v in value)
+    return str(value)

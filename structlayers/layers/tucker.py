@@ -1,0 +1,113 @@
+"""Tucker layer: W tensorized to (o_0..o_{d-1}, i_0..i_{d-1}) is a Tucker tensor
+    W = core x_0 U_out0 ... x_{d-1} U_out{d-1} x_d U_in0 ... (a factor per mode).
+Forward contracts x with the input factors, then the core, then the output factors; W is never
+materialized. Projection: HOOI (tensorly's `tucker`, SVD-initialised).
+"""
+
+from math import prod
+
+from ..base import StructuredLinear
+from ..program import make_program, make_step
+from ..sizes import check_size, resolve_factors
+
+
+class Tucker(StructuredLinear):
+    """in_factor{k}: (i_k, p_k); core: (q_0..q_{d-1}, p_0..p_{d-1}); out_factor{k}: (o_k, q_k).
+
+    rank: int (every mode, capped by nothing: must be <= each mode size), a sequence of 2d ranks
+    (output modes then input modes, the order of the tensorized weight), a float (the fraction of
+    the dense parameter count to spend) or 'same' (as many parameters as dense).
+    """
+
+    name = "tucker"
+
+    def __init__(self, in_features, out_features, rank=0.25, modes=2, bias=True, device=None,
+                 dtype=None, in_factors=None, out_factors=None):
+        super().__init__(in_features, out_features)
+        d = check_size("modes", modes)
+        self.in_factors = resolve_factors("in_factors", in_factors, self.in_features, d)
+        self.out_factors = resolve_factors("out_factors", out_factors, self.out_features, d)
+        self.rank = rank
+        self.ranks = tucker_ranks(rank, (*self.out_factors, *self.in_factors),
+                                  self.in_features * self.out_features)
+        q, p = self.ranks[:d], self.ranks[d:]
+
+        sizes = {f"i{k}": s for k, s in enumerate(self.in_factors)}
+        sizes |= {f"o{k}": s for k, s in enumerate(self.out_factors)}
+        sizes |= {f"p{k}": r for k, r in enumerate(p)} | {f"q{k}": r for k, r in enumerate(q)}
+        in_modes = tuple(f"i{k}" for k in range(d))
+        steps, shapes, x = [], {}, in_modes
+        for k in range(d):
+            out = tuple(f"p{k}" if mode == f"i{k}" else mode for mode in x)
+            steps.append(make_step(f"in_factor{k}", x, (f"i{k}", f"p{k}"), out, sizes))
+            shapes[f"in_factor{k}"] = (self.in_factors[k], p[k])
+            x = out
+        core_out = tuple(f"q{k}" for k in range(d))
+        steps.append(make_step("core", x, (*core_out, *x), core_out, sizes))
+        shapes["core"] = (*q, *p)
+        x = core_out
+        for k in range(d):
+            out = tuple(f"o{k}" if mode == f"q{k}" else mode for mode in x)
+            steps.append(make_step(f"out_factor{k}", x, (f"o{k}", f"q{k}"), out, sizes))
+            shapes[f"out_factor{k}"] = (self.out_factors[k], q[k])
+            x = out
+        self._build(make_program(in_modes, steps, sizes), shapes, prod(self.in_factors),
+                    prod(self.out_factors), bias, device, dtype)
+
+    def structure_args(self):
+        return {"rank": self.ranks, "modes": len(self.in_factors),
+                "in_factors": self.in_factors, "out_factors": self.out_factors}
+
+    def _project(self, weight):
+        import numpy as np
+        import tensorly.decomposition
+        import torch
+
+        d = len(self.in_factors)
+        tensor = weight.reshape(*self.out_factors, *self.in_factors).cpu().numpy()
+        core, factors = tensorly.decomposition.tucker(
+            tensor, rank=list(self.ranks), init="svd", n_iter_max=100, tol=1e-12)
+        cores = {"core": core} | {f"out_factor{k}": factors[k] for k in range(d)}
+        cores |= {f"in_factor{k}": factors[d + k] for k in range(d)}
+        return {k: torch.from_numpy(np.asarray(v)).to(weight) for k, v in cores.items()}
+
+
+def tucker_ranks(rank, shape: tuple[int, ...], budget_full: int) -> tuple[int, ...]:
+    """Multilinear ranks (one per mode of `shape`) from an int, sequence, float or 'same'.
+
+    A float f (or 'same' = 1.0) spends about f * budget_full parameters: every rank is the same
+    fraction a of its mode size, with a the largest that stays within the budget.
+    """
+    if rank == "same":
+        rank = 1.0
+    if isinstance(rank, bool) or not isinstance(rank, int | float | list | tuple):
+        raise TypeError(f"rank must be an int, a sequence of {len(shape)} ints, a float or "
+                        f"'same', got {rank!r}")
+    if isinstance(rank, float):
+        if not 0.0 < rank < float("inf"):
+            raise ValueError(f"rank as a float is a fraction of the dense parameters: must be > 0, "
+                             f"got {rank}")
+        return _ranks_for_budget(shape, rank * budget_full)
+    ranks = (rank,) * len(shape) if isinstance(rank, int) else tuple(rank)
+    if len(ranks) != len(shape) or not all(isinstance(r, int) for r in ranks):
+        raise ValueError(f"rank must be an int or {len(shape)} ints (output modes then input "
+                         f"modes), got {rank!r}")
+    for k, (r, size) in enumerate(zip(ranks, shape, strict=True)):
+        if not 1 <= r <= min(size, prod(shape) // size):
+            raise ValueError(f"rank[{k}]={r} is out of range: valid is "
+                             f"1..{min(size, prod(shape) // size)} for mode size {size}")
+    return ranks
+
+
+def _ranks_for_budget(shape, budget) -> tuple[int, ...]:
+    def ranks_at(a):
+        return tuple(min(size, max(1, round(a * size))) for size in shape)
+
+    def params(ranks):
+        return prod(ranks) + sum(s * r for s, r in zip(shape, ranks, strict=True))
+
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if params(ranks_at(mid)) <= budget else (low, mid)
+    return ranks_at(low)

@@ -1,0 +1,154 @@
+"""A layer is cores plus a contraction program.
+
+The activation is a tensor (T, *modes) with T tokens and named modes. A `Step` contracts it with one
+core: the modes shared by the activation and the core but not the output are summed (the core's
+fan-in), the core's modes that appear only in the output are produced (its fan-out), and modes in
+all three are block (batch) dims of a batched matmul. Everything else about a layer follows from
+its steps: forward, `to_dense` (the program run on the identity), FLOPs, and muP fans.
+
+`contract` is the single choke point where an activation meets a core; the precision policies and
+the kernel backends hook in there and nowhere else.
+"""
+
+import string
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from math import prod
+
+import torch
+
+_BACKENDS = ("torch", "triton", "auto")
+_backend = "auto"
+
+
+@contextmanager
+def backend(name: str):
+    """Force the contraction path inside a `with` block: "torch", "triton" or "auto"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "triton":
+        raise RuntimeError(
+            "backend 'triton' is not available in this version: the fused Monarch/BTT kernels "
+            "are not built yet; use 'torch' or 'auto'"
+        )
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def current_backend() -> str:
+    return _backend
+
+
+@dataclass(frozen=True)
+class Step:
+    """Contract the activation (T, *x_modes) with core `core` viewed as (*core_modes).
+
+    The result is (T, *out_modes). `sizes` maps every mode name to its size.
+    """
+
+    core: str
+    x_modes: tuple[str, ...]
+    core_modes: tuple[str, ...]
+    out_modes: tuple[str, ...]
+    sizes: tuple[tuple[str, int], ...]
+
+    def size(self, modes) -> int:
+        sizes = dict(self.sizes)
+        return prod(sizes[m] for m in modes)
+
+    @property
+    def core_shape(self) -> tuple[int, ...]:
+        sizes = dict(self.sizes)
+        return tuple(sizes[m] for m in self.core_modes)
+
+    @property
+    def fan_in(self) -> int:
+        """Size of the summed modes: the d_in of this core as a (batched) dense matrix."""
+        return self.size(m for m in self.core_modes if m in self.x_modes and m not in self.out_modes)
+
+    @property
+    def fan_out(self) -> int:
+        """Size of the modes the core produces: its d_out as a (batched) dense matrix."""
+        return self.size(m for m in self.core_modes if m in self.out_modes and m not in self.x_modes)
+
+    @property
+    def blocks(self) -> int:
+        """Number of independent blocks (block-diagonal structure) of this core."""
+        return self.size(m for m in self.core_modes if m in self.x_modes and m in self.out_modes)
+
+    def flops(self, tokens: int) -> int:
+        """Multiply-adds x 2 of the batched matmul: 2 * T * (product of all distinct mode sizes)."""
+        modes = set(self.x_modes) | set(self.core_modes) | set(self.out_modes)
+        return 2 * tokens * self.size(modes)
+
+    @cached_property
+    def equation(self) -> str:
+        names = sorted(set(self.x_modes) | set(self.core_modes) | set(self.out_modes))
+        letter = dict(zip(names, string.ascii_letters[1:], strict=False))  # 'a' is the token dim
+
+        def subs(modes):
+            return "".join(letter[m] for m in modes)
+
+        return f"a{subs(self.x_modes)},{subs(self.core_modes)}->a{subs(self.out_modes)}"
+
+
+def make_step(core, x_modes, core_modes, out_modes, sizes: dict) -> Step:
+    """Build a Step, checking that every mode is summed, produced, or carried consistently."""
+    x_modes, core_modes, out_modes = tuple(x_modes), tuple(core_modes), tuple(out_modes)
+    for m in set(x_modes) | set(core_modes) | set(out_modes):
+        where = (m in x_modes) + (m in core_modes) + (m in out_modes)
+        if where < 2:
+            raise ValueError(f"step for core {core!r}: mode {m!r} appears in only one operand")
+    used = {m: sizes[m] for m in set(x_modes) | set(core_modes) | set(out_modes)}
+    return Step(core, x_modes, core_modes, out_modes, tuple(sorted(used.items())))
+
+
+@dataclass(frozen=True)
+class Program:
+    """Reshape x (T, i_padded) to (T, *in_modes), run the steps, flatten (T, *out_modes)."""
+
+    in_modes: tuple[str, ...]
+    steps: tuple[Step, ...]
+    sizes: tuple[tuple[str, int], ...]
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        sizes = dict(self.sizes)
+        return tuple(sizes[m] for m in self.in_modes)
+
+    def flops(self, tokens: int) -> int:
+        return sum(step.flops(tokens) for step in self.steps)
+
+
+def make_program(in_modes, steps, sizes: dict) -> Program:
+    """Check that the steps chain (each step's x_modes = previous out_modes)."""
+    modes = tuple(in_modes)
+    for step in steps:
+        if tuple(step.x_modes) != modes:
+            raise ValueError(f"step {step.core!r} expects modes {step.x_modes}, gets {modes}")
+        modes = step.out_modes
+    return Program(tuple(in_modes), tuple(steps), tuple(sorted(sizes.items())))
+
+
+def contract(x: torch.Tensor, core: torch.Tensor, step: Step, policy=None) -> torch.Tensor:
+    """The choke point: (T, *x_modes) x core(*core_modes) -> (T, *out_modes).
+
+    `policy` (a precision policy) may scale/quantize both operands of this one contraction.
+    """
+    core = core.view(step.core_shape)
+    if policy is not None:
+        return policy.contract(x, core, step)
+    return torch.einsum(step.equation, x, core)
+
+
+def run(program: Program, x: torch.Tensor, cores: dict, policy=None) -> torch.Tensor:
+    """x: (T, prod(in_shape)) -> (T, prod(out sizes)), running every step through `contract`."""
+    h = x.reshape(x.shape[0], *program.in_shape)
+    for step in program.steps:
+        h = contract(h, cores[step.core], step, policy)
+    return h.reshape(x.shape[0], -1)
