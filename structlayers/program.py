@@ -13,7 +13,6 @@ the kernel backends hook in there and nowhere else.
 import string
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from math import prod
 
 import torch
@@ -56,6 +55,7 @@ class Step:
     core_modes: tuple[str, ...]
     out_modes: tuple[str, ...]
     sizes: tuple[tuple[str, int], ...]
+    equation: str  # torch.einsum equation, the token dim is 'a'
 
     def size(self, modes) -> int:
         sizes = dict(self.sizes)
@@ -86,16 +86,6 @@ class Step:
         modes = set(self.x_modes) | set(self.core_modes) | set(self.out_modes)
         return 2 * tokens * self.size(modes)
 
-    @cached_property
-    def equation(self) -> str:
-        names = sorted(set(self.x_modes) | set(self.core_modes) | set(self.out_modes))
-        letter = dict(zip(names, string.ascii_letters[1:], strict=False))  # 'a' is the token dim
-
-        def subs(modes):
-            return "".join(letter[m] for m in modes)
-
-        return f"a{subs(self.x_modes)},{subs(self.core_modes)}->a{subs(self.out_modes)}"
-
 
 def make_step(core, x_modes, core_modes, out_modes, sizes: dict) -> Step:
     """Build a Step, checking that every mode is summed, produced, or carried consistently."""
@@ -105,7 +95,13 @@ def make_step(core, x_modes, core_modes, out_modes, sizes: dict) -> Step:
         if where < 2:
             raise ValueError(f"step for core {core!r}: mode {m!r} appears in only one operand")
     used = {m: sizes[m] for m in set(x_modes) | set(core_modes) | set(out_modes)}
-    return Step(core, x_modes, core_modes, out_modes, tuple(sorted(used.items())))
+    letter = dict(zip(sorted(used), string.ascii_letters[1:], strict=False))  # 'a' is for tokens
+
+    def subs(modes):
+        return "".join(letter[m] for m in modes)
+
+    equation = f"a{subs(x_modes)},{subs(core_modes)}->a{subs(out_modes)}"
+    return Step(core, x_modes, core_modes, out_modes, tuple(sorted(used.items())), equation)
 
 
 @dataclass(frozen=True)
@@ -151,4 +147,4 @@ def run(program: Program, x: torch.Tensor, cores: dict, policy=None) -> torch.Te
     h = x.reshape(x.shape[0], *program.in_shape)
     for step in program.steps:
         h = contract(h, cores[step.core], step, policy)
-    return h.reshape(x.shape[0], -1)
+    return h.flatten(1)
