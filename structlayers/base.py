@@ -168,11 +168,14 @@ class StructuredLinear(nn.Module):
             real = full[: self.out_features, : self.in_features].clone()
             full.copy_(dense)
             full[: self.out_features, : self.in_features] = real
-            cores = self._project(full)
-            new_error = self._dense_of(cores) - target
-            if new_error.norm() > error.norm() * (1 - 1e-6):
+            candidate = self._project(full)
+            new_error = self._dense_of(candidate) - target
+            if new_error.norm() >= error.norm():
                 break
-            error = new_error
+            converged = new_error.norm() > error.norm() * (1 - 1e-6)
+            cores, error = candidate, new_error
+            if converged:
+                break
         for name, core in self._cores().items():
             core.copy_(cores[name].reshape(core.shape))
         if bias is not None:

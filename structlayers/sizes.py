@@ -72,6 +72,9 @@ def resolve_factors(name: str, factors, size: int, k: int) -> tuple[int, ...]:
     """User-given factors (product >= size, padding the rest) or the default near-equal ones."""
     if factors is None:
         return padded_factors(size, k)
+    factors = (factors,) if isinstance(factors, int) and k == 1 else factors
+    if not isinstance(factors, list | tuple):
+        raise TypeError(f"{name} must be a sequence of {k} positive ints, got {factors!r}")
     factors = tuple(factors)
     if len(factors) != k or not all(isinstance(f, int) and f >= 1 for f in factors):
         raise ValueError(f"{name} must be {k} positive ints, got {factors!r}")

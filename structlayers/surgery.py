@@ -11,6 +11,7 @@ Only modules whose type is exactly nn.Linear are considered. Subclasses are skip
 their forward may differ from x W^T + b (LoRA, quantized layers), and some parents read the weight
 directly instead of calling the module (nn.MultiheadAttention.out_proj is such a subclass).
 StructuredLinear layers are left alone, so structurizing twice does not restructure a layer.
+Hooks registered on a replaced nn.Linear are not carried over to its replacement.
 """
 
 import re
@@ -96,11 +97,11 @@ class StructurizeReport:
 
         rule = "-" * len(line(header))
         lines = [line(header), rule, *map(line, table[1:-1]), rule, line(table[-1])]
-        lines.append(f"replaced layers: params x{_ratio(self.params_after, self.params_before)}, "
-                     f"FLOPs/token x{_ratio(self.flops_after, self.flops_before)}; "
+        lines.append(f"replaced layers: params {_ratio(self.params_after, self.params_before)}, "
+                     f"FLOPs/token {_ratio(self.flops_after, self.flops_before)}; "
                      f"model params {self.model_params_before:,} -> "
                      f"{self.model_params_after:,} "
-                     f"(x{_ratio(self.model_params_after, self.model_params_before)})")
+                     f"({_ratio(self.model_params_after, self.model_params_before)})")
         return "\n".join(lines)
 
 
@@ -161,8 +162,9 @@ def structurize(model: nn.Module, spec_or_fn: str | SpecFn, include: NameFilter 
     if failures:
         details = "\n".join(f"  {name} ({lin.in_features} -> {lin.out_features}): {failure}"
                             for name, lin, failure in failures)
-        raise type(failures[0][2])(f"structurize: no layer was replaced, because the replacement "
-                                   f"failed for {len(failures)} layer(s):\n{details}")
+        kind = ValueError if isinstance(failures[0][2], ValueError) else TypeError
+        raise kind(f"structurize: no layer was replaced, because the replacement failed for "
+                   f"{len(failures)} layer(s):\n{details}") from failures[0][2]
     _check_distinct([(names[0], new) for _, names, new, _ in built])
     _warn_broken_ties(model, built)
 
@@ -308,4 +310,4 @@ def _count_params(module: nn.Module) -> int:
 
 
 def _ratio(after: int, before: int) -> str:
-    return f"{after / before:.3f}" if before else "-"
+    return f"x{after / before:.3f}" if before else "n/a"

@@ -38,7 +38,8 @@ class Monarch(BTT):
 def default_blocks(in_features: int, out_features: int) -> int:
     """About sqrt(in) blocks, preferring a count that needs little padding of in and out."""
     root = sqrt(in_features)
-    candidates = range(max(1, int(root / 2)), min(in_features, out_features, int(2 * root) + 1) + 1)
+    high = min(in_features, out_features, int(2 * root) + 1)
+    candidates = range(min(max(1, int(root / 2)), high), high + 1)
 
     def cost(b):
         overhead = padded_multiple(in_features, b) * padded_multiple(out_features, b)

@@ -53,7 +53,8 @@ class TT(StructuredLinear):
                     prod(self.out_factors), bias, device, dtype)
 
     def structure_args(self):
-        return {"cores": len(self.in_factors), "rank": self.ranks,
+        rank = {"rank": self.ranks} if self.ranks else {}  # one core has no bond to give a rank
+        return {"cores": len(self.in_factors), **rank,
                 "in_factors": self.in_factors, "out_factors": self.out_factors}
 
     def _project(self, weight):

@@ -65,8 +65,9 @@ class Tucker(StructuredLinear):
 
         d = len(self.in_factors)
         tensor = weight.reshape(*self.out_factors, *self.in_factors).cpu().numpy()
-        core, factors = tensorly.decomposition.tucker(
-            tensor, rank=list(self.ranks), init="svd", n_iter_max=100, tol=1e-12)
+        with tensorly.backend_context("numpy", local_threadsafe=True):  # whatever the user's is
+            core, factors = tensorly.decomposition.tucker(
+                tensor, rank=list(self.ranks), init="svd", n_iter_max=100, tol=1e-12)
         cores = {"core": core} | {f"out_factor{k}": factors[k] for k in range(d)}
         cores |= {f"in_factor{k}": factors[d + k] for k in range(d)}
         return {k: torch.from_numpy(np.asarray(v)).to(weight) for k, v in cores.items()}
