@@ -13,8 +13,10 @@ the kernel backends hook in there and nowhere else.
 import string
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 
+import opt_einsum
 import torch
 
 _BACKENDS = ("torch", "triton", "auto")
@@ -117,8 +119,35 @@ class Program:
         sizes = dict(self.sizes)
         return tuple(sizes[m] for m in self.in_modes)
 
+    @property
+    def out_modes(self) -> tuple[str, ...]:
+        return self.steps[-1].out_modes
+
     def flops(self, tokens: int) -> int:
         return sum(step.flops(tokens) for step in self.steps)
+
+
+@lru_cache(maxsize=256)
+def dense_expression(program: Program):
+    """A cached opt_einsum expression: cores -> W as (*out_modes, *in_modes).
+
+    The program read as a tensor network: the input and final output modes stay open, every other
+    mode (ranks, intermediate modes) is summed. opt_einsum picks the contraction order once, which
+    is far cheaper than running the program on an identity matrix (e.g. for TT).
+    """
+    symbol = {m: opt_einsum.get_symbol(k) for k, (m, _) in enumerate(program.sizes)}
+    inputs = ",".join("".join(symbol[m] for m in step.core_modes) for step in program.steps)
+    output = "".join(symbol[m] for m in (*program.out_modes, *program.in_modes))
+    return opt_einsum.contract_expression(f"{inputs}->{output}",
+                                          *(step.core_shape for step in program.steps))
+
+
+def dense(program: Program, cores: dict) -> torch.Tensor:
+    """(prod(out sizes), prod(in sizes)) matrix of the program with these cores."""
+    operands = [cores[step.core].reshape(step.core_shape) for step in program.steps]
+    w = dense_expression(program)(*operands, backend="torch")
+    sizes = dict(program.sizes)
+    return w.reshape(prod(sizes[m] for m in program.out_modes), -1)
 
 
 def make_program(in_modes, steps, sizes: dict) -> Program:

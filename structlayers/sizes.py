@@ -24,6 +24,8 @@ def balanced_factors(n: int, k: int) -> tuple[int, ...]:
 
     Ties are broken by the smallest sum of factors (the cost of most structures grows with it).
     """
+    if k == 1:
+        return (n,)
     best = None
 
     def search(rest, k_left, low, acc):
@@ -45,22 +47,24 @@ def balanced_factors(n: int, k: int) -> tuple[int, ...]:
     return best[1]
 
 
-def _factors_well(factors: tuple[int, ...]) -> bool:
-    # "well": the largest factor is at most twice the k-th root of the product
-    return max(factors) <= 2.0 * prod(factors) ** (1.0 / len(factors)) + 1e-9
+CHEAP_ENOUGH = 1.10  # prefer less padding when the cost is within 10% of the cheapest
 
 
 def padded_factors(n: int, k: int) -> tuple[int, ...]:
-    """Factors (ascending) of the smallest size >= n that splits into k near-equal factors.
+    """Factors (ascending) of the smallest size m >= n whose cost m * sum(factors) is within 10%
+    of the cheapest (so powers of two never pad).
 
-    Always terminates: a power of two factors well, and the next one is at most 2n.
+    The cost of the structures grows with both the padded size and the factors' sizes (for BTT
+    with 2 cores it is proportional to m * (m_0 + m_1)), so e.g. 97 with 3 factors pads to
+    100 = 4 * 5 * 5 rather than 98 = 2 * 7 * 7, while 1000 with 2 stays (25, 40). The scan stops
+    when even equal factors (sum >= k * m^(1/k)) could not beat the cheapest cost found.
     """
-    m = n
-    while True:
-        factors = balanced_factors(m, k)
-        if _factors_well(factors):
-            return factors
-        m += 1
+    costs, cheapest, m = {}, float("inf"), n
+    while k * m ** (1 + 1 / k) < cheapest * (1 + 1e-12):
+        costs[m] = m * sum(balanced_factors(m, k))
+        cheapest, m = min(cheapest, costs[m]), m + 1
+    m = min(m for m, cost in costs.items() if cost <= CHEAP_ENOUGH * cheapest)
+    return balanced_factors(m, k)
 
 
 def padded_multiple(n: int, block: int) -> int:
@@ -84,12 +88,19 @@ def resolve_factors(name: str, factors, size: int, k: int) -> tuple[int, ...]:
     return factors
 
 
-def check_ranks(name: str, rank, bonds: int, max_rank) -> tuple[int, ...]:
+def check_ranks(name: str, rank, bonds: int, max_rank, default: int = 1) -> tuple[int, ...]:
     """An int (the same on every bond) or a sequence with one rank per bond.
 
     max_rank(k, left) is the largest rank bond k can use when the bond before it has rank `left`
-    (1 before the first bond); each rank must be in 1..max_rank.
+    (1 before the first bond); each rank must be in 1..max_rank. rank=None is the layer's
+    `default`, capped on every bond at what the sizes allow.
     """
+    if rank is None:
+        ranks, left = [], 1
+        for k in range(bonds):
+            ranks.append(min(default, max_rank(k, left)))
+            left = ranks[-1]
+        return tuple(ranks)
     if isinstance(rank, int) and not isinstance(rank, bool):
         ranks = (rank,) * bonds
     elif isinstance(rank, list | tuple) and all(

@@ -32,7 +32,7 @@ def build(spec: str, in_features: int, out_features: int, **kwargs) -> Structure
     try:
         return cls(in_features, out_features, **args, **kwargs)
     except TypeError as error:
-        if "unexpected keyword" in str(error):
+        if "unexpected keyword" in str(error) or "multiple values" in str(error):
             raise ValueError(f"spec {spec!r}: {error}") from None
         raise
 

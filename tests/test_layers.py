@@ -472,16 +472,18 @@ def test_flops_rejects_bad_tokens():
                                   "kronecker", "monarch", "tucker:rank=0.25"])
 @pytest.mark.parametrize("prime", [97, 211, 1009])
 def test_prime_sizes_pad_cheaply(spec, prime):
-    """A prime size pads, crops exactly, says so in repr, and costs little more than its
-    (unpadded) composite neighbour prime - 1."""
+    """A prime size pads (by at most 5% here), crops exactly, says so in repr, and costs little
+    more than its unpadded composite neighbour prime - 1. The FLOP bound is 20%, not the pad
+    size: a structure's FLOPs also depend on how its size splits (96 = 4*4*6 suits TT rank 4
+    better than 100 = 4*5*5, 1.16x; Tucker's budgeted ranks at 98 = 7*14 vs 96 = 8*12, 1.19x)."""
     layer = sl.build(spec, prime, prime)
     neighbour = sl.build(spec, prime - 1, prime - 1)
     assert layer.padded and not neighbour.padded
     assert layer.padded_in >= prime and layer.padded_out >= prime
-    assert layer.padded_in <= 1.15 * prime and layer.padded_out <= 1.15 * prime
+    assert layer.padded_in <= 1.05 * prime and layer.padded_out <= 1.05 * prime
     assert f"padded=({prime}->{layer.padded_in} in, {prime}->{layer.padded_out} out)" in repr(layer)
     assert "padded" not in repr(neighbour)
-    assert layer.flops(1) <= 1.15 * neighbour.flops(1)
+    assert layer.flops(1) <= 1.20 * neighbour.flops(1)
     assert layer(torch.randn(2, prime)).shape == (2, prime)
 
 

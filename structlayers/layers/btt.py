@@ -32,6 +32,8 @@ class BTT(StructuredLinear):
         d = check_size("cores", cores)
         if d < 2:
             raise ValueError(f"cores must be >= 2 for BTT, got {d} (use Dense for one core)")
+        # ascending factors: m_{d-1} (the first core's block count) and n_0 are the big ones, so
+        # the intermediate (m_1 n_0 r for 2 cores) can reach full rank
         m = self.in_factors = resolve_factors("in_factors", in_factors, self.in_features, d)
         n = self.out_factors = resolve_factors("out_factors", out_factors, self.out_features, d)
         # the largest useful r_k: rows (m_k r_{k-1}) or columns (n_>k) of the blockwise SVD
@@ -54,6 +56,10 @@ class BTT(StructuredLinear):
             x = out
         self._build(make_program(in_modes, steps, sizes), shapes, prod(m), prod(n),
                     bias, device, dtype)
+
+    @property
+    def refine_iters(self):  # the blockwise SVD is optimal for 2 cores, quasi-optimal beyond
+        return 100 if len(self.in_factors) > 2 else 0
 
     def structure_args(self):
         args = {"rank": self.ranks if len(set(self.ranks)) > 1 else self.ranks[0]}

@@ -6,9 +6,9 @@ n x n layer with b = sqrt(n) both are b blocks of sqrt(n) x sqrt(n) (the paper's
 in and out are padded up to multiples of b. Projection: the closed-form blockwise rank-1 SVD.
 """
 
-from math import log, sqrt
+from math import log, prod, sqrt
 
-from ..sizes import check_size, padded_multiple
+from ..sizes import CHEAP_ENOUGH, check_size, padded_multiple
 from .btt import BTT
 
 
@@ -36,13 +36,17 @@ class Monarch(BTT):
 
 
 def default_blocks(in_features: int, out_features: int) -> int:
-    """About sqrt(in) blocks, preferring a count that needs little padding of in and out."""
-    root = sqrt(in_features)
-    high = min(in_features, out_features, int(2 * root) + 1)
-    candidates = range(min(max(1, int(root / 2)), high), high + 1)
+    """About sqrt(in) blocks: among the counts whose FLOPs, 2 * (i o / b + o b) on the padded
+    sizes, are within 10% of the fewest, the one that pads least, then the closest to sqrt(in)."""
 
-    def cost(b):
-        overhead = padded_multiple(in_features, b) * padded_multiple(out_features, b)
-        return round(overhead / (in_features * out_features), 2), abs(log(b / root))
+    def padded(b):
+        return padded_multiple(in_features, b), padded_multiple(out_features, b)
 
-    return min(candidates, key=cost)
+    def flops(b):
+        i, o = padded(b)
+        return i * o / b + o * b
+
+    counts = range(1, min(in_features, out_features) + 1)
+    cheapest = min(flops(b) for b in counts)
+    return min((b for b in counts if flops(b) <= CHEAP_ENOUGH * cheapest),
+               key=lambda b: (prod(padded(b)), abs(log(b / sqrt(in_features)))))

@@ -16,11 +16,14 @@ from ..sizes import check_ranks, check_size, resolve_factors
 
 
 class TT(StructuredLinear):
-    """cores G0..G{d-1}, G_k: (r_{k-1}, in_factors[k], out_factors[k], r_k)."""
+    """cores G0..G{d-1}, G_k: (r_{k-1}, in_factors[k], out_factors[k], r_k).
+
+    rank: an int, one int per bond, or None (8, capped per bond at what the sizes allow).
+    """
 
     name = "tt"
 
-    def __init__(self, in_features, out_features, cores=3, rank=8, bias=True, device=None,
+    def __init__(self, in_features, out_features, cores=3, rank=None, bias=True, device=None,
                  dtype=None, in_factors=None, out_factors=None):
         super().__init__(in_features, out_features)
         d = check_size("cores", cores)
@@ -29,7 +32,8 @@ class TT(StructuredLinear):
         pairs = [i * o for i, o in zip(self.in_factors, self.out_factors, strict=True)]
         # the largest useful r_k: rows (r_{k-1} i_k o_k) or columns of the TT-SVD unfolding
         self.ranks = check_ranks("rank", rank, d - 1,
-                                 lambda k, left: min(left * pairs[k], prod(pairs[k + 1:])))
+                                 lambda k, left: min(left * pairs[k], prod(pairs[k + 1:])),
+                                 default=8)
         full_ranks = (1, *self.ranks, 1)
 
         sizes = {f"i{k}": s for k, s in enumerate(self.in_factors)}
@@ -51,6 +55,10 @@ class TT(StructuredLinear):
                   for k in range(d)}
         self._build(make_program(in_modes, steps, sizes), shapes, prod(self.in_factors),
                     prod(self.out_factors), bias, device, dtype)
+
+    @property
+    def refine_iters(self):  # TT-SVD is optimal for 2 cores, quasi-optimal beyond
+        return 100 if len(self.in_factors) > 2 else 0
 
     def structure_args(self):
         rank = {"rank": self.ranks} if self.ranks else {}  # one core has no bond to give a rank

@@ -6,6 +6,8 @@ materialized. Projection: HOOI (tensorly's `tucker`, SVD-initialised).
 
 from math import prod
 
+import torch
+
 from ..base import StructuredLinear
 from ..program import make_program, make_step
 from ..sizes import check_size, resolve_factors
@@ -14,7 +16,7 @@ from ..sizes import check_size, resolve_factors
 class Tucker(StructuredLinear):
     """in_factor{k}: (i_k, p_k); core: (q_0..q_{d-1}, p_0..p_{d-1}); out_factor{k}: (o_k, q_k).
 
-    rank: int (every mode, capped by nothing: must be <= each mode size), a sequence of 2d ranks
+    rank: int (the same on every mode; must fit every mode), a sequence of 2d ranks
     (output modes then input modes, the order of the tensorized weight), a float (the fraction of
     the dense parameter count to spend) or 'same' (as many parameters as dense).
     """
@@ -59,15 +61,23 @@ class Tucker(StructuredLinear):
                 "in_factors": self.in_factors, "out_factors": self.out_factors}
 
     def _project(self, weight):
+        """HOOI from the SVD start and from two random starts (HOOI stops at local optima that
+        the SVD start does not always avoid); the best of the three."""
         import numpy as np
-        import tensorly.decomposition
-        import torch
+        import tensorly
+        from tensorly.decomposition import tucker
 
         d = len(self.in_factors)
         tensor = weight.reshape(*self.out_factors, *self.in_factors).cpu().numpy()
+        best, best_error = None, float("inf")
         with tensorly.backend_context("numpy", local_threadsafe=True):  # whatever the user's is
-            core, factors = tensorly.decomposition.tucker(
-                tensor, rank=list(self.ranks), init="svd", n_iter_max=100, tol=1e-12)
+            for init, seed in (("svd", None), ("random", 0), ("random", 1)):
+                core, factors = tucker(tensor, rank=list(self.ranks), init=init, random_state=seed,
+                                       n_iter_max=100, tol=1e-10)
+                error = np.linalg.norm(tensorly.tucker_to_tensor((core, factors)) - tensor)
+                if error < best_error:
+                    best, best_error = (core, factors), error
+        core, factors = best
         cores = {"core": core} | {f"out_factor{k}": factors[k] for k in range(d)}
         cores |= {f"in_factor{k}": factors[d + k] for k in range(d)}
         return {k: torch.from_numpy(np.asarray(v)).to(weight) for k, v in cores.items()}
