@@ -169,6 +169,7 @@ def _ddp_worker(rank, world, port, folder):
             grads[spec] = {n: p.grad for n, p in model.module.named_parameters()}
             grads[spec]["state"] = model.module.state_dict()
         torch.save(grads, os.path.join(folder, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
