@@ -59,7 +59,7 @@ class BTT(StructuredLinear):
 
     @property
     def refine_iters(self):  # the blockwise SVD is optimal for 2 cores, quasi-optimal beyond
-        return 100 if len(self.in_factors) > 2 else 0
+        return 0 if len(self.in_factors) == 2 else 100 if self.padded_in * self.padded_out <= 2**20 else 30
 
     def structure_args(self):
         args = {"rank": self.ranks if len(set(self.ranks)) > 1 else self.ranks[0]}

@@ -58,7 +58,7 @@ class TT(StructuredLinear):
 
     @property
     def refine_iters(self):  # TT-SVD is optimal for 2 cores, quasi-optimal beyond
-        return 100 if len(self.in_factors) > 2 else 0
+        return 0 if len(self.in_factors) == 2 else 100 if self.padded_in * self.padded_out <= 2**20 else 30
 
     def structure_args(self):
         rank = {"rank": self.ranks} if self.ranks else {}  # one core has no bond to give a rank
