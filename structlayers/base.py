@@ -33,7 +33,7 @@ class StructuredLinear(nn.Module):
     """
 
     name = "structured"  # the spec-string name, e.g. "btt"
-    refine_iters = 0  # L-BFGS steps after `_project`, where the projection is not optimal
+    projection_is_optimal = True  # False where `_project` is only quasi-optimal: L-BFGS polishes it
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
@@ -167,10 +167,8 @@ class StructuredLinear(nn.Module):
         cores = self._project(full)
         error = self._dense_of(cores) - target
         for _ in range(impute_iters if self.padded else 0):
-            dense = self._dense_of(cores, crop=False)
-            real = full[: self.out_features, : self.in_features].clone()
-            full.copy_(dense)
-            full[: self.out_features, : self.in_features] = real
+            full.copy_(self._dense_of(cores, crop=False))
+            full[: self.out_features, : self.in_features] = target
             candidate = self._project(full)
             new_error = self._dense_of(candidate) - target
             if new_error.norm() >= error.norm():
@@ -179,8 +177,9 @@ class StructuredLinear(nn.Module):
             cores, error = candidate, new_error
             if converged:
                 break
-        if self.refine_iters:
-            refined = self._refine(cores, target, self.refine_iters)
+        if not self.projection_is_optimal:
+            iters = 100 if self.padded_in * self.padded_out <= 2**20 else 30  # big layers stay fast
+            refined = self._refine(cores, target, iters)
             refined_error = self._dense_of(refined) - target
             if refined_error.norm() < error.norm():
                 cores, error = refined, refined_error

@@ -58,8 +58,8 @@ class BTT(StructuredLinear):
                     bias, device, dtype)
 
     @property
-    def refine_iters(self):  # the blockwise SVD is optimal for 2 cores, quasi-optimal beyond
-        return 0 if len(self.in_factors) == 2 else 100 if self.padded_in * self.padded_out <= 2**20 else 30
+    def projection_is_optimal(self):  # the blockwise SVD is optimal up to 2 cores, quasi-optimal beyond
+        return len(self.in_factors) <= 2
 
     def structure_args(self):
         args = {"rank": self.ranks if len(set(self.ranks)) > 1 else self.ranks[0]}

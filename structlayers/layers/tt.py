@@ -57,8 +57,8 @@ class TT(StructuredLinear):
                     prod(self.out_factors), bias, device, dtype)
 
     @property
-    def refine_iters(self):  # TT-SVD is optimal for 2 cores, quasi-optimal beyond
-        return 0 if len(self.in_factors) == 2 else 100 if self.padded_in * self.padded_out <= 2**20 else 30
+    def projection_is_optimal(self):  # TT-SVD is optimal up to 2 cores, quasi-optimal beyond
+        return len(self.in_factors) <= 2
 
     def structure_args(self):
         rank = {"rank": self.ranks} if self.ranks else {}  # one core has no bond to give a rank
