@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .program import Program, Step, dense, run
+from .program import Program, Step, dense, fused_forward, run
 from .sizes import check_size
 
 PARAMETERIZATIONS = ("mup", "standard")
@@ -111,7 +111,13 @@ class StructuredLinear(nn.Module):
         return {name: core for name, core, _ in self.core_steps}
 
     def _run_padded(self, x: torch.Tensor, cores: dict) -> torch.Tensor:
-        """(T, in_features) -> (T, out_features) through the program, padding and cropping."""
+        """(T, in_features) -> (T, out_features) through the program, padding and cropping.
+
+        The fused kernel, where the backend picks it, pads and crops by masking instead of copies.
+        """
+        kernel = fused_forward(self.program, x, self.precision)
+        if kernel is not None:
+            return kernel(x, cores, self.out_features)
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         y = run(self.program, x, cores, self.precision)
@@ -127,7 +133,7 @@ class StructuredLinear(nn.Module):
         lead = x.shape[:-1]
         y = self._run_padded(x.reshape(-1, self.in_features), self._cores())
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)  # under autocast y is in the autocast dtype, as nn.Linear's
         return y.reshape(*lead, self.out_features)
 
     def to_dense(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ its steps: forward, `to_dense` (the program run on the identity), FLOPs, and muP
 the kernel backends hook in there and nowhere else.
 """
 
+import importlib.util
 import string
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,15 +26,19 @@ _backend = "auto"
 
 @contextmanager
 def backend(name: str):
-    """Force the contraction path inside a `with` block: "torch", "triton" or "auto"."""
+    """Choose the contraction path inside a `with` block.
+
+    "torch": einsum/bmm on every layer (the reference). "triton": the fused Triton kernels on every
+    layer that has one (2-core Monarch/BTT), the torch path elsewhere; inputs the kernels cannot
+    take raise an error. "auto" (the default): the kernels for CUDA inputs of a dtype they support
+    when Triton is installed, else torch. A layer with a precision policy always runs the torch
+    path, where the policy hooks in.
+    """
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    if name == "triton":
-        raise RuntimeError(
-            "backend 'triton' is not available in this version: the fused Monarch/BTT kernels "
-            "are not built yet; use 'torch' or 'auto'"
-        )
+    if name == "triton" and not _triton_installed():
+        raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
     previous, _backend = _backend, name
     try:
         yield
@@ -43,6 +48,23 @@ def backend(name: str):
 
 def current_backend() -> str:
     return _backend
+
+
+@lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_forward(program, x: torch.Tensor, policy=None):
+    """The fused kernel's forward (x, cores, out_features) -> y for this program under the current
+    backend, or None where the torch path runs (see `backend`)."""
+    if _backend == "torch" or policy is not None:
+        return None
+    if _backend == "auto" and not (x.is_cuda and _triton_installed()):
+        return None
+    from structlayers import kernels  # imports triton: only when a kernel may run
+
+    return kernels.fused_forward(program, x, forced=_backend == "triton")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""A 2-core BTT (Monarch when rank = 1) as one autograd op on the fused kernels.
+
+    x:  (T, in_features)           read as (T, m1, m0), zero-padded up to m1*m0 features
+    w0: (m1, m0, n0*r)             block m1 maps m0 -> (n0, r)
+    w1: (n0, m1*r, n1)             block n0 maps (m1, r) -> n1
+    y:  (T, out_features)          the first out_features of (T, n0, n1)
+    y[t, n0, n1] = sum_{m1, r} w1[n0, (m1, r), n1] * sum_{m0} w0[m1, m0, (n0, r)] * x[t, m1, m0]
+
+Passes over memory:
+    forward   one fused kernel: reads x, writes y (and h (T, n0, m1*r) when w1 needs a grad)
+    backward  one fused kernel for grad x, the same contraction run backwards on grad y with the
+              cores' inner dims swapped (strides, no copies), writing grad h (T, m1, n0*r);
+              then one token reduction per core: grad w0 from (x, grad h), grad w1 from (h, grad y).
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .block_grad import block_grad
+from .tuning import DTYPES, INTERPRET
+from .two_core import two_core
+
+
+def _inner_swapped(core: torch.Tensor) -> tuple[int, int, int]:
+    """Strides that read core (B, X, Y) as (B, Y, X)."""
+    return core.stride(0), core.stride(2), core.stride(1)
+
+
+class _BTTMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w0, w1, rank, out_features, keep_h):
+        m1, m0, n0, n1 = w0.shape[0], w0.shape[1], w1.shape[0], w1.shape[2]
+        dims = (m1, m0, n0, rank, n1)  # (P, Q, S, R, N) of the two-core kernel
+        y, h = two_core(x, w0, w0.stride(), w1, w1.stride(), dims, out_features, store_h=keep_h)
+        ctx.save_for_backward(x, w0, w1, h)
+        ctx.rank = rank
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w0, w1, h = ctx.saved_tensors
+        r = ctx.rank
+        m1, m0, n0, n1 = w0.shape[0], w0.shape[1], w1.shape[0], w1.shape[2]
+        need_x, need_w0, need_w1 = ctx.needs_input_grad[:3]
+        grad_x = grad_w0 = grad_w1 = None
+        if need_x or need_w0:
+            # grad h[t, m1, n0, r] = sum_n1 grad_y[t, n0, n1] w1[n0, (m1, r), n1]
+            # grad x[t, m1, m0]    = sum_{n0, r} grad h[t, m1, n0, r] w0[m1, m0, (n0, r)]
+            grad_x, grad_h = two_core(grad_y, w1, _inner_swapped(w1), w0, _inner_swapped(w0),
+                                      (n0, n1, m1, r, m0), x.shape[1], store_v=need_x, store_h=need_w0)
+            if need_w0:
+                grad_w0 = block_grad(x, grad_h.flatten(1), (m1, m0, n0 * r))
+        if need_w1:
+            grad_w1 = block_grad(h.flatten(1), grad_y, (n0, m1 * r, n1))
+        return grad_x, grad_w0, grad_w1, None, None, None
+
+
+def btt_matmul(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, rank: int,
+               out_features: int | None = None) -> torch.Tensor:
+    """y = the 2-core BTT map of x (see the module docstring), differentiable in x, w0 and w1.
+
+    x may have any strides; in_features = x.shape[1] <= m1*m0 (missing features are zero
+    padding) and out_features <= n0*n1 (default n0*n1; extra outputs are cropped).
+    """
+    _check(x, w0, w1, rank)
+    n0, n1 = w1.shape[0], w1.shape[2]
+    out_features = n0 * n1 if out_features is None else out_features
+    if not 1 <= out_features <= n0 * n1:
+        raise ValueError(f"out_features must be in 1..n0*n1 = {n0 * n1}, got {out_features}")
+    keep_h = torch.is_grad_enabled() and w1.requires_grad
+    return _BTTMatmul.apply(x, w0, w1, rank, out_features, keep_h)
+
+
+def _check(x, w0, w1, rank):
+    for name, t in (("x", x), ("w0", w0), ("w1", w1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name}: the fused BTT kernel supports {', '.join(map(str, DTYPES))}, "
+                            f"got {t.dtype}; use sl.backend('torch') for other dtypes")
+    if not (x.dtype == w0.dtype == w1.dtype):
+        raise TypeError(f"x, w0 and w1 must share a dtype, got {x.dtype}, {w0.dtype}, {w1.dtype}")
+    if not (x.device == w0.device == w1.device):
+        raise ValueError(f"x, w0 and w1 must be on one device, got {x.device}, {w0.device}, {w1.device}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"the fused BTT kernel runs on CUDA tensors (or on CPU under "
+                           f"TRITON_INTERPRET=1, set before import), got a {x.device.type} tensor")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if x.ndim != 2 or w0.ndim != 3 or w1.ndim != 3:
+        raise ValueError(f"expected x (T, in), w0 (m1, m0, n0*r), w1 (n0, m1*r, n1), got shapes "
+                         f"{tuple(x.shape)}, {tuple(w0.shape)}, {tuple(w1.shape)}")
+    m1, m0, n0 = w0.shape[0], w0.shape[1], w1.shape[0]
+    if w0.shape[2] != n0 * rank or w1.shape[1] != m1 * rank:
+        raise ValueError(f"core shapes do not chain at rank {rank}: w0 {tuple(w0.shape)} must be "
+                         f"(m1, m0, n0*r) and w1 {tuple(w1.shape)} (n0, m1*r, n1)")
+    if not 1 <= x.shape[1] <= m1 * m0:
+        raise ValueError(f"x has {x.shape[1]} features; the cores take 1..m1*m0 = {m1 * m0}")
