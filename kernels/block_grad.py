@@ -70,6 +70,14 @@ def block_grad(a, b, dims, splits=None, config=None) -> torch.Tensor:
     features count as zero. splits: how many token ranges run in parallel (default: enough
     programs to fill the GPU). config: a triton.Config to force, else autotuned.
     """
+    args = kernel_args(a, b, dims, splits)
+    partial = args["g_ptr"]
+    launch(_block_grad_kernel, _tuned_kernel, grid(args), args, config, _prune)
+    return partial.sum(0).to(a.dtype)
+
+
+def kernel_args(a, b, dims, splits=None) -> dict:
+    """The kernel's arguments but the tile sizes; g_ptr is the fp32 partial sums to fill."""
     blocks, K, N = dims
     T = a.shape[0]
     block_k, block_n = min(max(next_pow2(K), 16), 64), min(max(next_pow2(N), 16), 64)
@@ -79,17 +87,19 @@ def block_grad(a, b, dims, splits=None, config=None) -> torch.Tensor:
                             triton.cdiv(T, 4 * _TOKENS_PER_SPLIT_MULTIPLE)))
     per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), _TOKENS_PER_SPLIT_MULTIPLE) \
         * _TOKENS_PER_SPLIT_MULTIPLE
-    partial = torch.empty(splits, blocks, K, N, device=a.device, dtype=torch.float32)
-    args = dict(
-        a_ptr=a, b_ptr=b, g_ptr=partial,
+    return dict(
+        a_ptr=a, b_ptr=b, g_ptr=torch.empty(splits, blocks, K, N, device=a.device, dtype=torch.float32),
         T=T, A_FEATURES=a.shape[1], B_FEATURES=b.shape[1], TOKENS_PER_SPLIT=per_split,
         T_BUCKET=min(next_pow2(T), 1 << 16),
         stride_at=a.stride(0), stride_af=a.stride(1), stride_bt=b.stride(0), stride_bf=b.stride(1),
         BLOCKS=blocks, K=K, N=N, BLOCK_K=block_k, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(a.dtype), INTERPRETED=INTERPRET,
     )
-    launch(_block_grad_kernel, _tuned_kernel, (programs, splits), args, config, _prune)
-    return partial.sum(0).to(a.dtype)
+
+
+def grid(args: dict) -> tuple[int, int]:
+    tiles = triton.cdiv(args["K"], args["BLOCK_K"]) * triton.cdiv(args["N"], args["BLOCK_N"])
+    return args["BLOCKS"] * tiles, args["g_ptr"].shape[0]
 
 
 def _sm_count(device: torch.device) -> int:

@@ -4,6 +4,7 @@ import torch
 
 from .btt import btt_matmul
 from .tuning import DTYPES
+from .two_core import MAX_RANK
 
 
 def btt_dims(program) -> tuple[int, int, int, int, int] | None:
@@ -31,7 +32,7 @@ def fused_forward(program, x: torch.Tensor, forced: bool):
     fused kernel for `program`, or None where the torch path must run: programs without a fused
     kernel, and (unless `forced`, which lets btt_matmul raise a clear error) dtypes it lacks."""
     dims = btt_dims(program)
-    if dims is None or (not forced and x.dtype not in DTYPES):
+    if dims is None or dims[3] > MAX_RANK or (not forced and x.dtype not in DTYPES):
         return None
     m1, m0, n0, r, n1 = dims
     first, second = program.steps

@@ -13,7 +13,8 @@ One program owns BLOCK_T tokens x BLOCK_S output blocks x BLOCK_N output columns
 the input blocks p in chunks: a batched dot over the chunk's blocks makes its slice of h, a
 register transpose regroups h by output block, and a second batched dot adds the slice's share of
 v. h never leaves the chip unless it is asked for (STORE_H: the backward needs it).
-Both dots run on tensor cores: tokens are their M, so every K and N is at least 16.
+Both dots run on tensor cores with the tokens as their M; the second dot's K (input blocks x
+rank) is 16, which caps the rank at MAX_RANK.
 """
 
 import triton
@@ -21,37 +22,35 @@ import triton.language as tl
 
 from .tuning import INTERPRET, autotune, dot_precision, launch, mma, next_pow2, round_to
 
-# BLOCK_S / BLOCK_P count blocks; times RP (the rank rounded up to a power of two) they are the
-# N of the first dot and the K of the second, which tensor cores need to be >= 16.
+MAX_RANK = 16
+
+# Tile sizes: BLOCK_T tokens; BLOCK_SR = (output blocks x rank) columns of the first dot;
+# BLOCK_PR = (input blocks x rank) = the K of the second dot (tensor cores need >= 16);
+# BLOCK_N output columns. Each config was compiled for sm_90 (H100) and none spills registers at
+# the benchmark's shapes (benchmarks/kernel_resources.py). The x-tile re-reads (from L2) and the
+# weight re-reads trade off against each other; the autotuner measures which wins.
 CONFIGS = [
-    triton.Config({"BLOCK_T": bt, "BLOCK_S": bs, "BLOCK_P": bp}, num_warps=w, num_stages=st)
-    for bt, w in ((16, 4), (32, 4), (64, 8))
-    for bs in (1, 2, 4, 8, 16, 32)
-    for bp in (1, 2, 4, 8, 16, 32)
-    for st in (2, 3)
+    triton.Config({"BLOCK_T": bt, "BLOCK_SR": sr, "BLOCK_PR": 16, "BLOCK_N": bn}, num_warps=w, num_stages=2)
+    for bt, sr, bn, w in (
+        (16, 16, 64, 8), (16, 16, 32, 8), (16, 8, 64, 8), (16, 16, 16, 4),
+        (32, 8, 64, 8), (32, 8, 32, 8), (32, 16, 16, 8), (32, 4, 64, 8), (32, 4, 32, 4),
+        (64, 4, 64, 8), (64, 4, 32, 8), (64, 8, 32, 8),
+    )
 ]
-_MAX_TILE = 16384  # elements of the largest on-chip tile: beyond this a config spills
-
-
-def _fits(config: triton.Config, args: dict) -> bool:
-    kw, rp = config.kwargs, args["RP"]
-    bt, bs, bp = kw["BLOCK_T"], kw["BLOCK_S"], kw["BLOCK_P"]
-    if not (_dot_size_ok(bs, rp) and _dot_size_ok(bp, rp)):
-        return False
-    tiles = (bs * bt * args["BLOCK_N"], bp * bt * bs * rp, bp * bt * args["BLOCK_Q"],
-             bs * bp * rp * args["BLOCK_N"])  # acc, h, a u tile, a c2 tile
-    return max(tiles) <= _MAX_TILE
-
-
-def _dot_size_ok(blocks: int, rp: int) -> bool:
-    """blocks * rp is a dot size: at least 16, and no more than 32 unless one block is that big."""
-    return blocks * rp >= 16 and (blocks * rp <= 32 or blocks == 1)
 
 
 def _prune(configs, args):
-    kept = [c for c in configs if _fits(c, args)]
-    # small inputs (and the interpreter) first: the smallest token tile
-    return sorted(kept, key=lambda c: (c.kwargs["BLOCK_T"], -c.kwargs["BLOCK_S"], -c.kwargs["BLOCK_P"]))
+    """The configs that can run these sizes, without those whose blocks are wider than the
+    (rounded-up) sizes they cover when narrower ones exist; smallest token tile first."""
+    rp = args["RP"]
+    runnable = [c for c in configs if c.kwargs["BLOCK_SR"] >= rp and c.kwargs["BLOCK_PR"] >= rp]
+
+    def waste(c):
+        return (c.kwargs["BLOCK_N"] > max(16, next_pow2(args["N"]))
+                or c.kwargs["BLOCK_SR"] > max(4, rp, next_pow2(args["S"]) * rp))
+
+    kept = [c for c in runnable if not waste(c)] or runnable
+    return sorted(kept, key=lambda c: (c.kwargs["BLOCK_T"], -c.kwargs["BLOCK_SR"], -c.kwargs["BLOCK_N"]))
 
 
 @triton.jit
@@ -63,11 +62,13 @@ def _two_core_kernel(
     stride_c2s, stride_c2k, stride_c2n,
     stride_vt, stride_vf,
     P: tl.constexpr, Q: tl.constexpr, S: tl.constexpr, R: tl.constexpr, N: tl.constexpr,
-    RP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    RP: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr, BLOCK_PR: tl.constexpr, BLOCK_N: tl.constexpr,
     STORE_V: tl.constexpr, STORE_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
+    BLOCK_S: tl.constexpr = BLOCK_SR // RP  # output blocks per program
+    BLOCK_P: tl.constexpr = BLOCK_PR // RP  # input blocks per step of the walk
     # output blocks vary fastest, so the programs sharing a token tile run together (u stays in L2)
     tiles_s = tl.cdiv(S, BLOCK_S)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -143,28 +144,40 @@ def two_core(u, c1, c1_strides, c2, c2_strides, dims, v_features, store_v=True, 
     force (tests sweep them), else autotuned.
     """
     P, Q, S, R, N = dims
+    if not 1 <= R <= MAX_RANK:
+        raise ValueError(f"the fused kernel takes ranks 1..{MAX_RANK}, got {R}")
     T = u.shape[0]
     v = u.new_empty(T, v_features) if store_v else None
     h = u.new_empty(T, S, P * R) if store_h else None
-    if T == 0:
-        return v, h
-    args = dict(
-        u_ptr=u, c1_ptr=c1, c2_ptr=c2, v_ptr=v if store_v else u, h_ptr=h if store_h else u,
-        T=T, U_FEATURES=u.shape[1], V_FEATURES=v_features, T_BUCKET=min(next_pow2(T), 1 << 16),
+    if T > 0:
+        args = kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h)
+        launch(_two_core_kernel, _tuned_kernel, grid(args), args, config, _prune)
+    return v, h
+
+
+def kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h) -> dict:
+    """The kernel's arguments but the tile sizes (v or h None: not stored)."""
+    P, Q, S, R, N = dims
+    return dict(
+        u_ptr=u, c1_ptr=c1, c2_ptr=c2, v_ptr=u if v is None else v, h_ptr=u if h is None else h,
+        T=u.shape[0], U_FEATURES=u.shape[1], V_FEATURES=S * N if v is None else v.shape[1],
+        T_BUCKET=min(next_pow2(u.shape[0]), 1 << 16),
         stride_ut=u.stride(0), stride_uf=u.stride(1),
         stride_c1p=c1_strides[0], stride_c1q=c1_strides[1], stride_c1c=c1_strides[2],
         stride_c2s=c2_strides[0], stride_c2k=c2_strides[1], stride_c2n=c2_strides[2],
-        stride_vt=v.stride(0) if store_v else 0, stride_vf=1,
-        P=P, Q=Q, S=S, R=R, N=N, RP=next_pow2(R),
-        BLOCK_Q=min(max(next_pow2(Q), 16), 32), BLOCK_N=min(max(next_pow2(N), 16), 64),
-        STORE_V=store_v, STORE_H=store_h,
+        stride_vt=0 if v is None else v.stride(0), stride_vf=1,
+        P=P, Q=Q, S=S, R=R, N=N, RP=next_pow2(R), BLOCK_Q=min(max(next_pow2(Q), 16), 32),
+        STORE_V=v is not None, STORE_H=h is not None,
         DOT_PRECISION=dot_precision(u.dtype), INTERPRETED=INTERPRET,
     )
 
-    def grid(meta):
-        return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(S, meta["BLOCK_S"])
-                * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    launch(_two_core_kernel, _tuned_kernel, grid, args, config, _prune)
-    return v, h
+def grid(args: dict):
+    """One program per (token tile, output-block group, column tile)."""
 
+    def programs(meta):
+        blocks_per_program = meta["BLOCK_SR"] // args["RP"]
+        return (triton.cdiv(args["T"], meta["BLOCK_T"]) * triton.cdiv(args["S"], blocks_per_program)
+                * triton.cdiv(args["N"], meta["BLOCK_N"]),)
+
+    return programs
