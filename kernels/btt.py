@@ -18,12 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .block_grad import block_grad
 from .tuning import DTYPES, INTERPRET
-from .two_core import two_core
-
-
-def _inner_swapped(core: torch.Tensor) -> tuple[int, int, int]:
-    """Strides that read core (B, X, Y) as (B, Y, X)."""
-    return core.stride(0), core.stride(2), core.stride(1)
+from .two_core import inner_swapped, two_core
 
 
 class _BTTMatmul(torch.autograd.Function):
@@ -47,7 +42,7 @@ class _BTTMatmul(torch.autograd.Function):
         if need_x or need_w0:
             # grad h[t, m1, n0, r] = sum_n1 grad_y[t, n0, n1] w1[n0, (m1, r), n1]
             # grad x[t, m1, m0]    = sum_{n0, r} grad h[t, m1, n0, r] w0[m1, m0, (n0, r)]
-            grad_x, grad_h = two_core(grad_y, w1, _inner_swapped(w1), w0, _inner_swapped(w0),
+            grad_x, grad_h = two_core(grad_y, w1, inner_swapped(w1), w0, inner_swapped(w0),
                                       (n0, n1, m1, r, m0), x.shape[1], store_v=need_x, store_h=need_w0)
             if need_w0:
                 grad_w0 = block_grad(x, grad_h.flatten(1), (m1, m0, n0 * r))

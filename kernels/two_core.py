@@ -32,7 +32,7 @@ MAX_RANK = 16
 CONFIGS = [
     triton.Config({"BLOCK_T": bt, "BLOCK_SR": sr, "BLOCK_PR": 16, "BLOCK_N": bn}, num_warps=w, num_stages=2)
     for bt, sr, bn, w in (
-        (16, 16, 64, 8), (16, 16, 32, 8), (16, 8, 64, 8), (16, 16, 16, 4),
+        (16, 16, 64, 8), (16, 16, 32, 8), (16, 8, 64, 8),
         (32, 8, 64, 8), (32, 8, 32, 8), (32, 16, 16, 8), (32, 4, 64, 8), (32, 4, 32, 4),
         (64, 4, 64, 8), (64, 4, 32, 8), (64, 8, 32, 8),
     )
@@ -71,7 +71,7 @@ def _two_core_kernel(
     BLOCK_P: tl.constexpr = BLOCK_PR // RP  # input blocks per step of the walk
     # output blocks vary fastest, so the programs sharing a token tile run together (u stays in L2)
     tiles_s = tl.cdiv(S, BLOCK_S)
-    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_n = tl.cdiv(N, BLOCK_N) if STORE_V else 1  # h alone needs no column tiles
     pid = tl.program_id(0)
     pid_t = pid // (tiles_s * tiles_n)
     pid_s = (pid // tiles_n) % tiles_s
@@ -105,11 +105,12 @@ def _two_core_kernel(
                         + (s_j * R + r_j)[None, None, :] * stride_c1c, mask=c1_ok, other=0.0)
             h = mma(a, b, h, DOT_PRECISION, INTERPRETED)
         h = round_to(h, u_ptr.dtype.element_ty, INTERPRETED)  # rounded like the torch path's
-        if STORE_H:  # h as (T, S, P*R), written once (by the first column tile)
-            h_offset = t[None, :, None] * (S * P * R) + s_j[None, None, :] * (P * R) \
-                + p[:, None, None] * R + r_j[None, None, :]
-            h_ok = t_ok[None, :, None] & (p[:, None, None] < P) & col_ok[None, None, :]
-            tl.store(h_ptr + h_offset, h, mask=h_ok)
+        if STORE_H:  # h as (T, S, P*R), written once: by the first column tile
+            if pid_n == 0:
+                h_offset = t[None, :, None] * (S * P * R) + s_j[None, None, :] * (P * R) \
+                    + p[:, None, None] * R + r_j[None, None, :]
+                h_ok = t_ok[None, :, None] & (p[:, None, None] < P) & col_ok[None, None, :]
+                tl.store(h_ptr + h_offset, h, mask=h_ok)
         if STORE_V:
             # regroup by output block: (BP, BT, BS, RP) -> (BS, BT, BP*RP)
             hb = tl.reshape(tl.permute(tl.reshape(h, (BLOCK_P, BLOCK_T, BLOCK_S, RP)), (2, 1, 0, 3)),
@@ -155,6 +156,11 @@ def two_core(u, c1, c1_strides, c2, c2_strides, dims, v_features, store_v=True, 
     return v, h
 
 
+def inner_swapped(core) -> tuple[int, int, int]:
+    """Strides that read a core (B, X, Y) as (B, Y, X): how the grad-input pass reads the cores."""
+    return core.stride(0), core.stride(2), core.stride(1)
+
+
 def kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h) -> dict:
     """The kernel's arguments but the tile sizes (v or h None: not stored)."""
     P, Q, S, R, N = dims
@@ -177,7 +183,8 @@ def grid(args: dict):
 
     def programs(meta):
         blocks_per_program = meta["BLOCK_SR"] // args["RP"]
+        column_tiles = triton.cdiv(args["N"], meta["BLOCK_N"]) if args["STORE_V"] else 1
         return (triton.cdiv(args["T"], meta["BLOCK_T"]) * triton.cdiv(args["S"], blocks_per_program)
-                * triton.cdiv(args["N"], meta["BLOCK_N"]),)
+                * column_tiles,)
 
     return programs

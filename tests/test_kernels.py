@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 import structlayers as sl
 from structlayers import kernels
-from structlayers.kernels import block_grad, btt_dims, btt_matmul, two_core
-from structlayers.kernels.two_core import CONFIGS, _prune
+from structlayers.kernels import btt_dims, btt_matmul
+from structlayers.kernels.block_grad import block_grad
+from structlayers.kernels.two_core import CONFIGS, _prune, two_core
 
 if not kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 and no CUDA device: nothing can run the kernels",
@@ -88,6 +89,9 @@ def test_two_core_matches_einsum(dims, tokens):
     v_ref, h_ref = two_core_reference(u, c1, c2, dims, v_features)
     assert v.shape == (tokens, v_features) and h.shape == (tokens, S, P * R)
     assert rel_err(v, v_ref) < 1e-5 and rel_err(h, h_ref) < 1e-5
+    no_v, h_alone = two_core(u, c1, c1.stride(), c2, c2.stride(), dims, v_features, store_v=False,
+                             store_h=True)  # the grad-input pass when x needs no grad
+    assert no_v is None and torch.equal(h_alone, h)
 
 
 def test_two_core_every_config_and_transposed_cores():
@@ -337,6 +341,27 @@ def test_bad_shapes(x_shape, w0_shape, w1_shape, rank, word):
     with pytest.raises(ValueError, match="out_features"):
         btt_matmul(torch.randn(3, 16, device=DEVICE), torch.randn(4, 4, 8, device=DEVICE),
                    torch.randn(4, 8, 4, device=DEVICE), 2, out_features=17)
+
+
+def test_kernels_compile_for_h100_without_spilling():
+    """The real compiler pipeline for sm_90 (no GPU needed): catches code that the interpreter
+    runs but that does not lower for a GPU, and tile configs that spill registers."""
+    code = """
+import torch
+from structlayers.kernels import aot
+for role, (module, kernel, args) in aot.btt_launches((32, 32, 32, 2, 32), 4096, torch.bfloat16).items():
+    for config in module.CONFIGS[::4]:
+        usage = aot.resources(aot.compile_for_gpu(kernel, args, config))
+        print(role, usage["registers"], usage["spill_bytes"], usage["shared_bytes"])
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert len(rows) >= 8, out.stdout + out.stderr
+    for *role, registers, spill, shared in rows:
+        assert int(spill) == 0 and int(registers) <= 255, role
+        assert int(shared) <= 227 * 1024, role  # an H100 program's shared-memory limit
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
