@@ -14,41 +14,72 @@ Passes over memory:
 """
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
 
 from .block_grad import block_grad
 from .tuning import DTYPES, INTERPRET
 from .two_core import inner_swapped, two_core
 
 
-class _BTTMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w0, w1, rank, out_features, keep_h):
-        m1, m0, n0, n1 = w0.shape[0], w0.shape[1], w1.shape[0], w1.shape[2]
-        dims = (m1, m0, n0, rank, n1)  # (P, Q, S, R, N) of the two-core kernel
-        y, h = two_core(x, w0, w0.stride(), w1, w1.stride(), dims, out_features, store_h=keep_h)
-        ctx.save_for_backward(x, w0, w1, h)
-        ctx.rank = rank
-        return y
+# Custom ops, so torch.compile treats the kernels as opaque calls (no graph break, no tracing
+# into Triton's launcher or interpreter); autograd is registered on the forward op.
+@torch.library.custom_op("structlayers::btt_forward", mutates_args=())
+def _forward(x: Tensor, w0: Tensor, w1: Tensor, rank: int, out_features: int,
+             keep_h: bool) -> tuple[Tensor, Tensor]:
+    """y (T, out_features) and h (T, n0, m1*r), or an empty h unless keep_h."""
+    dims = (w0.shape[0], w0.shape[1], w1.shape[0], rank, w1.shape[2])  # (P, Q, S, R, N) = (m1, m0, n0, r, n1)
+    y, h = two_core(x, w0, w0.stride(), w1, w1.stride(), dims, out_features, store_h=keep_h)
+    return y, (h if keep_h else x.new_empty(0))
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, w0, w1, h = ctx.saved_tensors
-        r = ctx.rank
-        m1, m0, n0, n1 = w0.shape[0], w0.shape[1], w1.shape[0], w1.shape[2]
-        need_x, need_w0, need_w1 = ctx.needs_input_grad[:3]
-        grad_x = grad_w0 = grad_w1 = None
-        if need_x or need_w0:
-            # grad h[t, m1, n0, r] = sum_n1 grad_y[t, n0, n1] w1[n0, (m1, r), n1]
-            # grad x[t, m1, m0]    = sum_{n0, r} grad h[t, m1, n0, r] w0[m1, m0, (n0, r)]
-            grad_x, grad_h = two_core(grad_y, w1, inner_swapped(w1), w0, inner_swapped(w0),
-                                      (n0, n1, m1, r, m0), x.shape[1], store_v=need_x, store_h=need_w0)
-            if need_w0:
-                grad_w0 = block_grad(x, grad_h.flatten(1), (m1, m0, n0 * r))
-        if need_w1:
-            grad_w1 = block_grad(h.flatten(1), grad_y, (n0, m1 * r, n1))
-        return grad_x, grad_w0, grad_w1, None, None, None
+
+@_forward.register_fake
+def _(x, w0, w1, rank, out_features, keep_h):
+    h_shape = (x.shape[0], w1.shape[0], w0.shape[0] * rank) if keep_h else (0,)
+    return x.new_empty(x.shape[0], out_features), x.new_empty(h_shape)
+
+
+@torch.library.custom_op("structlayers::btt_backward", mutates_args=())
+def _backward(grad_y: Tensor, x: Tensor, w0: Tensor, w1: Tensor, h: Tensor, rank: int,
+              need_x: bool, need_w0: bool, need_w1: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """grad x, grad w0, grad w1 (empty where not needed)."""
+    m1, m0, n0, n1, r = w0.shape[0], w0.shape[1], w1.shape[0], w1.shape[2], rank
+    grad_x, grad_w0, grad_w1 = (x.new_empty(0) for _ in range(3))
+    if need_x or need_w0:
+        # grad h[t, m1, n0, r] = sum_n1 grad_y[t, n0, n1] w1[n0, (m1, r), n1]
+        # grad x[t, m1, m0]    = sum_{n0, r} grad h[t, m1, n0, r] w0[m1, m0, (n0, r)]
+        v, grad_h = two_core(grad_y, w1, inner_swapped(w1), w0, inner_swapped(w0), (n0, n1, m1, r, m0),
+                             x.shape[1], store_v=need_x, store_h=need_w0)
+        grad_x = v if need_x else grad_x
+        if need_w0:
+            grad_w0 = block_grad(x, grad_h.flatten(1), (m1, m0, n0 * r))
+    if need_w1:
+        grad_w1 = block_grad(h.flatten(1), grad_y, (n0, m1 * r, n1))
+    return grad_x, grad_w0, grad_w1
+
+
+@_backward.register_fake
+def _(grad_y, x, w0, w1, h, rank, need_x, need_w0, need_w1):
+    def like(t, needed):
+        return t.new_empty(t.shape) if needed else t.new_empty(0)
+
+    return like(x, need_x), like(w0, need_w0), like(w1, need_w1)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w0, w1, rank, _, _ = inputs
+    ctx.save_for_backward(x, w0, w1, output[1])
+    ctx.rank = rank
+
+
+def _autograd_backward(ctx, grad_y, _grad_h):
+    x, w0, w1, h = ctx.saved_tensors
+    need_x, need_w0, need_w1 = ctx.needs_input_grad[:3]
+    grad_x, grad_w0, grad_w1 = _backward(grad_y, x, w0, w1, h, ctx.rank, need_x, need_w0, need_w1)
+    return (grad_x if need_x else None, grad_w0 if need_w0 else None, grad_w1 if need_w1 else None,
+            None, None, None)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def btt_matmul(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, rank: int,
@@ -64,7 +95,7 @@ def btt_matmul(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, rank: int,
     if not 1 <= out_features <= n0 * n1:
         raise ValueError(f"out_features must be in 1..n0*n1 = {n0 * n1}, got {out_features}")
     keep_h = torch.is_grad_enabled() and w1.requires_grad
-    return _BTTMatmul.apply(x, w0, w1, rank, out_features, keep_h)
+    return _forward(x, w0, w1, rank, out_features, keep_h)[0]
 
 
 def _check(x, w0, w1, rank):
