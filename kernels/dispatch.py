@@ -27,12 +27,18 @@ def btt_dims(program) -> tuple[int, int, int, int, int] | None:
     return sizes[p], sizes[q], sizes[s], sizes[rank[0]] if rank else 1, sizes[n]
 
 
+def fused_dims(program) -> tuple[int, int, int, int, int] | None:
+    """btt_dims(program) when the fused kernels compute this program (rank <= MAX_RANK), else None."""
+    dims = btt_dims(program)
+    return dims if dims is not None and dims[3] <= MAX_RANK else None
+
+
 def fused_forward(program, x: torch.Tensor, forced: bool):
     """A function (x (T, in_features), cores, out_features) -> y (T, out_features) running the
     fused kernel for `program`, or None where the torch path must run: programs without a fused
     kernel, and (unless `forced`, which lets btt_matmul raise a clear error) dtypes it lacks."""
-    dims = btt_dims(program)
-    if dims is None or dims[3] > MAX_RANK or (not forced and x.dtype not in DTYPES):
+    dims = fused_dims(program)
+    if dims is None or (not forced and x.dtype not in DTYPES):
         return None
     m1, m0, n0, r, n1 = dims
     first, second = program.steps

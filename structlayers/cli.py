@@ -36,6 +36,18 @@ def _show(args):
               f"blocks={step.blocks}  einsum {step.equation}")
     print(f"params={layer.num_params:,}  flops/token={layer.flops(1):,}  "
           f"dense params={args.in_features * args.out_features + args.out_features:,}")
+    print(_gpu_path(layer))
+
+
+def _gpu_path(layer) -> str:
+    try:
+        from .kernels import fused_dims
+    except ImportError:
+        return "GPU path: torch (triton is not installed)"
+    dims = fused_dims(layer.program)
+    if dims is None:
+        return "GPU path: torch (no fused kernel for this structure)"
+    return f"GPU path: fused Triton kernel, (m1, m0, n0, r, n1) = {dims}"
 
 
 def make_parser() -> argparse.ArgumentParser:
