@@ -75,7 +75,7 @@ def resources(compiled) -> dict:
 
 def btt_launches(dims, tokens: int, dtype) -> dict:
     """role -> (kernel module, kernel, launch arguments on the meta device) of every kernel a
-    2-core BTT layer with dims (m1, m0, n0, r, n1) runs for `tokens` rows."""
+    2-core BTT layer with dims (m1, m0, n0, r, n1) and a bias runs for `tokens` rows."""
     m1, m0, n0, r, n1 = dims
 
     def meta(*shape):
@@ -87,11 +87,12 @@ def btt_launches(dims, tokens: int, dtype) -> dict:
     swapped = fused_kernel.inner_swapped
     return {
         "forward": (fused_kernel, fused, fused_kernel.kernel_args(
-            x, w0, w0.stride(), w1, w1.stride(), (m1, m0, n0, r, n1), y, meta(tokens, n0, m1 * r))),
+            x, w0, w0.stride(), w1, w1.stride(), (m1, m0, n0, r, n1), y, meta(tokens, n0, m1 * r),
+            meta(n0 * n1))),
         "grad x": (fused_kernel, fused, fused_kernel.kernel_args(
             y, w1, swapped(w1), w0, swapped(w0), (n0, n1, m1, r, m0), x, meta(tokens, m1, n0 * r))),
         "grad W0": (grad_kernel, grad, grad_kernel.kernel_args(
             x, meta(tokens, m1 * n0 * r), (m1, m0, n0 * r), 1)),
         "grad W1": (grad_kernel, grad, grad_kernel.kernel_args(
-            meta(tokens, n0 * m1 * r), y, (n0, m1 * r, n1), 1)),
+            meta(tokens, n0 * m1 * r), y, (n0, m1 * r, n1), 1, sum_b=True)),
     }

@@ -2,6 +2,7 @@
 
 With a (T, BLOCKS*K) read as (T, BLOCKS, K) and b (T, BLOCKS*N) read as (T, BLOCKS, N),
     g[blk, k, n] = sum_t a[t, blk, k] * b[t, blk, n]        g: (BLOCKS, K, N)
+and optionally the column sums of b, sum_t b[t, :] (the bias gradient when b is grad y).
 For a BTT layer: grad W0 = block_grad(x, grad h) and grad W1 = block_grad(h, grad y).
 
 The reduction is long (all tokens) and the output small, so the tokens are split over SPLITS
@@ -26,11 +27,11 @@ def _prune(configs, args):
 
 @triton.jit
 def _block_grad_kernel(
-    a_ptr, b_ptr, g_ptr,
+    a_ptr, b_ptr, g_ptr, b_sum_ptr,
     T, A_FEATURES, B_FEATURES, TOKENS_PER_SPLIT, T_BUCKET,
     stride_at, stride_af, stride_bt, stride_bf,
     BLOCKS: tl.constexpr, K: tl.constexpr, N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SUM_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     tiles_k = tl.cdiv(K, BLOCK_K)
@@ -38,7 +39,8 @@ def _block_grad_kernel(
     pid = tl.program_id(0)
     split = tl.program_id(1)
     blk = pid // (tiles_k * tiles_n)
-    k = (pid // tiles_n) % tiles_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid_k = (pid // tiles_n) % tiles_k
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n = pid % tiles_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_feature = blk * K + k
     b_feature = blk * N + n
@@ -46,6 +48,7 @@ def _block_grad_kernel(
     b_ok = (n < N) & (b_feature < B_FEATURES)
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    b_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_start = split.to(tl.int64) * TOKENS_PER_SPLIT
     t_end = tl.minimum(t_start + TOKENS_PER_SPLIT, T)
     for t0 in range(t_start, t_end, BLOCK_T):
@@ -56,28 +59,37 @@ def _block_grad_kernel(
         b = tl.load(b_ptr + t[:, None] * stride_bt + b_feature[None, :] * stride_bf,
                     mask=t_ok[:, None] & b_ok[None, :], other=0.0)  # (BT, BN)
         acc = mma(a_t, b, acc, DOT_PRECISION, INTERPRETED)
+        if SUM_B:
+            b_sum += tl.sum(b.to(tl.float32), axis=0)
     g_offset = ((split * BLOCKS + blk) * K + k[:, None]).to(tl.int64) * N + n[None, :]
     tl.store(g_ptr + g_offset, acc, mask=(k < K)[:, None] & (n < N)[None, :])
+    if SUM_B:
+        if pid_k == 0:  # one k tile writes the column sums
+            tl.store(b_sum_ptr + split.to(tl.int64) * BLOCKS * N + b_feature, b_sum, mask=n < N)
 
 
 _tuned_kernel = autotune(CONFIGS, key=["BLOCKS", "K", "N", "T_BUCKET"], prune=_prune)(_block_grad_kernel)
 
 
-def block_grad(a, b, dims, splits=None, config=None) -> torch.Tensor:
-    """g (BLOCKS, K, N) in a's dtype; dims = (BLOCKS, K, N).
+def block_grad(a, b, dims, splits=None, config=None, sum_b=False):
+    """g (BLOCKS, K, N) in a's dtype, and with sum_b also b's column sums (b_features,) in b's
+    dtype; dims = (BLOCKS, K, N).
 
     a: (T, a_features <= BLOCKS*K) and b: (T, b_features <= BLOCKS*N), any strides; missing
     features count as zero. splits: how many token ranges run in parallel (default: enough
     programs to fill the GPU). config: a triton.Config to force, else autotuned.
     """
-    args = kernel_args(a, b, dims, splits)
-    partial = args["g_ptr"]
+    args = kernel_args(a, b, dims, splits, sum_b)
     launch(_block_grad_kernel, _tuned_kernel, grid(args), args, config, _prune)
-    return partial.sum(0).to(a.dtype)
+    g = args["g_ptr"].sum(0).to(a.dtype)
+    if not sum_b:
+        return g
+    return g, args["b_sum_ptr"].sum(0).flatten()[: b.shape[1]].to(b.dtype)
 
 
-def kernel_args(a, b, dims, splits=None) -> dict:
-    """The kernel's arguments but the tile sizes; g_ptr is the fp32 partial sums to fill."""
+def kernel_args(a, b, dims, splits=None, sum_b=False) -> dict:
+    """The kernel's arguments but the tile sizes; g_ptr (and b_sum_ptr) are the fp32 partial
+    sums to fill, one row per split."""
     blocks, K, N = dims
     T = a.shape[0]
     block_k, block_n = min(max(next_pow2(K), 16), 64), min(max(next_pow2(N), 16), 64)
@@ -87,12 +99,14 @@ def kernel_args(a, b, dims, splits=None) -> dict:
                             triton.cdiv(T, 4 * _TOKENS_PER_SPLIT_MULTIPLE)))
     per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), _TOKENS_PER_SPLIT_MULTIPLE) \
         * _TOKENS_PER_SPLIT_MULTIPLE
+    partial = torch.empty(splits, blocks, K, N, device=a.device, dtype=torch.float32)
     return dict(
-        a_ptr=a, b_ptr=b, g_ptr=torch.empty(splits, blocks, K, N, device=a.device, dtype=torch.float32),
+        a_ptr=a, b_ptr=b, g_ptr=partial,
+        b_sum_ptr=torch.empty(splits, blocks, N, device=a.device, dtype=torch.float32) if sum_b else partial,
         T=T, A_FEATURES=a.shape[1], B_FEATURES=b.shape[1], TOKENS_PER_SPLIT=per_split,
         T_BUCKET=min(next_pow2(T), 1 << 16),
         stride_at=a.stride(0), stride_af=a.stride(1), stride_bt=b.stride(0), stride_bf=b.stride(1),
-        BLOCKS=blocks, K=K, N=N, BLOCK_K=block_k, BLOCK_N=block_n,
+        BLOCKS=blocks, K=K, N=N, BLOCK_K=block_k, BLOCK_N=block_n, SUM_B=sum_b,
         DOT_PRECISION=dot_precision(a.dtype), INTERPRETED=INTERPRET,
     )
 

@@ -34,8 +34,8 @@ def fused_dims(program) -> tuple[int, int, int, int, int] | None:
 
 
 def fused_forward(program, x: torch.Tensor, forced: bool):
-    """A function (x (T, in_features), cores, out_features) -> y (T, out_features) running the
-    fused kernel for `program`, or None where the torch path must run: programs without a fused
+    """A function (x (T, in_features), cores, out_features, bias or None) -> y (T, out_features)
+    running the fused kernel for `program`, or None where the torch path must run: programs without a fused
     kernel, and (unless `forced`, which lets btt_matmul raise a clear error) dtypes it lacks."""
     dims = fused_dims(program)
     if dims is None or (not forced and x.dtype not in DTYPES):
@@ -43,12 +43,14 @@ def fused_forward(program, x: torch.Tensor, forced: bool):
     m1, m0, n0, r, n1 = dims
     first, second = program.steps
 
-    def forward(x, cores, out_features):
+    def forward(x, cores, out_features, bias):
         w0 = cores[first.core].reshape(m1, m0, n0 * r)
         w1 = cores[second.core].reshape(n0, m1 * r, n1)
         if torch.is_autocast_enabled(x.device.type):  # what autocast does to the torch path's einsum
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w0, w1 = x.to(dtype), w0.to(dtype), w1.to(dtype)
-        return btt_matmul(x, w0, w1, r, out_features)
+        if bias is not None:
+            bias = bias.to(x.dtype)
+        return btt_matmul(x, w0, w1, r, out_features, bias)
 
     return forward

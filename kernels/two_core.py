@@ -55,7 +55,7 @@ def _prune(configs, args):
 
 @triton.jit
 def _two_core_kernel(
-    u_ptr, c1_ptr, c2_ptr, v_ptr, h_ptr,
+    u_ptr, c1_ptr, c2_ptr, v_ptr, h_ptr, bias_ptr,
     T, U_FEATURES, V_FEATURES, T_BUCKET,
     stride_ut, stride_uf,
     stride_c1p, stride_c1q, stride_c1c,
@@ -64,7 +64,7 @@ def _two_core_kernel(
     P: tl.constexpr, Q: tl.constexpr, S: tl.constexpr, R: tl.constexpr, N: tl.constexpr,
     RP: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_SR: tl.constexpr, BLOCK_PR: tl.constexpr, BLOCK_N: tl.constexpr,
-    STORE_V: tl.constexpr, STORE_H: tl.constexpr,
+    STORE_V: tl.constexpr, STORE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     BLOCK_S: tl.constexpr = BLOCK_SR // RP  # output blocks per program
@@ -125,8 +125,10 @@ def _two_core_kernel(
             acc = mma(hb, c, acc, DOT_PRECISION, INTERPRETED)
     if STORE_V:
         v_feature = s[:, None, None] * N + n[None, None, :]
-        v_ok = t_ok[None, :, None] & (s[:, None, None] < S) & (n[None, None, :] < N) \
-            & (v_feature < V_FEATURES)
+        feature_ok = (s[:, None, None] < S) & (n[None, None, :] < N) & (v_feature < V_FEATURES)
+        if HAS_BIAS:  # the epilogue adds the bias: no extra pass over v
+            acc += tl.load(bias_ptr + v_feature, mask=feature_ok, other=0.0).to(tl.float32)
+        v_ok = t_ok[None, :, None] & feature_ok
         tl.store(v_ptr + t[None, :, None] * stride_vt + v_feature * stride_vf,
                  round_to(acc, v_ptr.dtype.element_ty, INTERPRETED), mask=v_ok)
 
@@ -135,14 +137,14 @@ _tuned_kernel = autotune(CONFIGS, key=["P", "Q", "S", "R", "N", "T_BUCKET"], pru
 
 
 def two_core(u, c1, c1_strides, c2, c2_strides, dims, v_features, store_v=True, store_h=False,
-             config=None):
+             bias=None, config=None):
     """v (T, v_features) and h (T, S, P*R) (None unless store_h) of the fused contraction.
 
     u: (T, u_features) with u_features <= P*Q: missing input features count as zero (the layer's
     padding). v keeps its first v_features <= S*N columns (the layer's cropping).
     c1_strides / c2_strides: strides of c1 read as (P, Q, S*R) and of c2 as (S, P*R, N), so a
-    transposed core is passed without a copy. dims: (P, Q, S, R, N). config: a triton.Config to
-    force (tests sweep them), else autotuned.
+    transposed core is passed without a copy. dims: (P, Q, S, R, N). bias: (v_features,) added
+    to v, or None. config: a triton.Config to force (tests sweep them), else autotuned.
     """
     P, Q, S, R, N = dims
     if not 1 <= R <= MAX_RANK:
@@ -151,7 +153,7 @@ def two_core(u, c1, c1_strides, c2, c2_strides, dims, v_features, store_v=True, 
     v = u.new_empty(T, v_features) if store_v else None
     h = u.new_empty(T, S, P * R) if store_h else None
     if T > 0:
-        args = kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h)
+        args = kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h, bias)
         launch(_two_core_kernel, _tuned_kernel, grid(args), args, config, _prune)
     return v, h
 
@@ -161,11 +163,12 @@ def inner_swapped(core) -> tuple[int, int, int]:
     return core.stride(0), core.stride(2), core.stride(1)
 
 
-def kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h) -> dict:
-    """The kernel's arguments but the tile sizes (v or h None: not stored)."""
+def kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h, bias=None) -> dict:
+    """The kernel's arguments but the tile sizes (v or h None: not stored; bias None: none)."""
     P, Q, S, R, N = dims
     return dict(
         u_ptr=u, c1_ptr=c1, c2_ptr=c2, v_ptr=u if v is None else v, h_ptr=u if h is None else h,
+        bias_ptr=u if bias is None else bias,
         T=u.shape[0], U_FEATURES=u.shape[1], V_FEATURES=S * N if v is None else v.shape[1],
         T_BUCKET=min(next_pow2(u.shape[0]), 1 << 16),
         stride_ut=u.stride(0), stride_uf=u.stride(1),
@@ -173,7 +176,7 @@ def kernel_args(u, c1, c1_strides, c2, c2_strides, dims, v, h) -> dict:
         stride_c2s=c2_strides[0], stride_c2k=c2_strides[1], stride_c2n=c2_strides[2],
         stride_vt=0 if v is None else v.stride(0), stride_vf=1,
         P=P, Q=Q, S=S, R=R, N=N, RP=next_pow2(R), BLOCK_Q=min(max(next_pow2(Q), 16), 32),
-        STORE_V=v is not None, STORE_H=h is not None,
+        STORE_V=v is not None, STORE_H=h is not None, HAS_BIAS=bias is not None,
         DOT_PRECISION=dot_precision(u.dtype), INTERPRETED=INTERPRET,
     )
 

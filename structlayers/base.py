@@ -111,13 +111,7 @@ class StructuredLinear(nn.Module):
         return {name: core for name, core, _ in self.core_steps}
 
     def _run_padded(self, x: torch.Tensor, cores: dict) -> torch.Tensor:
-        """(T, in_features) -> (T, out_features) through the program, padding and cropping.
-
-        The fused kernel, where the backend picks it, pads and crops by masking instead of copies.
-        """
-        kernel = fused_forward(self.program, x, self.precision)
-        if kernel is not None:
-            return kernel(x, cores, self.out_features)
+        """(T, in_features) -> (T, out_features) through the program, padding and cropping."""
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         y = run(self.program, x, cores, self.precision)
@@ -130,10 +124,14 @@ class StructuredLinear(nn.Module):
             raise ValueError(
                 f"input last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}"
             )
-        lead = x.shape[:-1]
-        y = self._run_padded(x.reshape(-1, self.in_features), self._cores())
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)  # under autocast y is in the autocast dtype, as nn.Linear's
+        lead, x = x.shape[:-1], x.reshape(-1, self.in_features)
+        kernel = fused_forward(self.program, x, self.precision)
+        if kernel is not None:  # the fused GPU kernel: padding, cropping and bias included
+            y = kernel(x, self._cores(), self.out_features, self.bias)
+        else:
+            y = self._run_padded(x, self._cores())
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)  # under autocast y is in the autocast dtype, as nn.Linear's
         return y.reshape(*lead, self.out_features)
 
     def to_dense(self) -> torch.Tensor:

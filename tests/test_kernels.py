@@ -58,7 +58,7 @@ def reference(layer, x, grad_y):
 
 def _as_f64(layer):
     twin = type(layer)(layer.in_features, layer.out_features, device=DEVICE, dtype=F64,
-                       **layer.structure_args())
+                       bias=layer.bias is not None, **layer.structure_args())
     twin.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
     return twin
 
@@ -118,11 +118,13 @@ def test_block_grad_matches_einsum(dims, splits):
     T = 600  # more than one split's token range (256) so splits really divide the work
     a = torch.randn(T, blocks * K - 1, device=DEVICE)  # the last feature is padding
     b = torch.randn(blocks * N + 3, T, device=DEVICE).T[:, : blocks * N - 2]  # strided, cropped
-    g = block_grad(a, b, dims, splits=splits)
+    g, column_sums = block_grad(a, b, dims, splits=splits, sum_b=True)
     a_full = torch.nn.functional.pad(a.double(), (0, 1)).reshape(T, blocks, K)
     b_full = torch.nn.functional.pad(b.double(), (0, 2)).reshape(T, blocks, N)
     assert g.shape == dims and g.dtype == a.dtype
     assert rel_err(g, torch.einsum("tbk,tbn->bkn", a_full, b_full)) < 1e-5
+    assert column_sums.shape == (b.shape[1],) and rel_err(column_sums, b.double().sum(0)) < 1e-5
+    assert torch.equal(block_grad(a, b, dims, splits=splits), g)
 
 
 def test_block_grad_of_no_tokens_is_zero():
@@ -137,6 +139,7 @@ LAYERS = [
     (sl.Monarch, 37, 53, {}),  # padded in and out
     (sl.BTT, 64, 64, {"rank": 1}),
     (sl.BTT, 40, 96, {"rank": 2}),
+    (sl.BTT, 40, 96, {"rank": 2, "bias": False}),
     (sl.BTT, 37, 53, {"rank": 3}),  # padded, odd rank
     (sl.BTT, 128, 72, {"rank": 4}),
     (sl.BTT, 96, 96, {"rank": 5}),  # rank rounded up to 8 inside the kernel
@@ -153,8 +156,8 @@ def test_layer_forward_and_all_grads_match_torch(cls, i, o, kwargs, dtype):
     fused = run_with_grads(layer, x, grad_y, "triton")
     same_dtype_torch = run_with_grads(layer, x, grad_y, "torch")
     exact = reference(layer, x, grad_y)
-    for name, got, torch_path, want in zip(["y", "x", "W0", "W1", "bias"], fused, same_dtype_torch,
-                                           exact, strict=True):
+    names = ["y", "x", *(name for name, _ in layer.named_parameters())]
+    for name, got, torch_path, want in zip(names, fused, same_dtype_torch, exact, strict=True):
         assert got.dtype == dtype and got.shape == want.shape, name
         # as accurate as the torch path in the same dtype (it rounds h and y the same way)
         assert rel_err(got, want) <= 1.5 * rel_err(torch_path, want) + 1e-6, name
@@ -370,6 +373,14 @@ for role, (module, kernel, args) in aot.btt_launches((32, 32, 32, 2, 32), 4096, 
     for *role, registers, spill, shared in rows:
         assert int(spill) == 0 and int(registers) <= 255, role
         assert int(shared) <= 227 * 1024, role  # an H100 program's shared-memory limit
+
+
+def test_bad_bias():
+    x, w0, w1 = (torch.randn(s, device=DEVICE) for s in ((3, 16), (4, 4, 8), (4, 8, 4)))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        btt_matmul(x, w0, w1, 2, bias=torch.zeros(15, device=DEVICE))
+    with pytest.raises(TypeError, match="bias"):
+        btt_matmul(x, w0, w1, 2, bias=torch.zeros(16, device=DEVICE, dtype=torch.float16))
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
