@@ -192,8 +192,10 @@ def run_resources(args):
         writer.writerows(rows)
     spilling = [r for r in rows if r["spill_bytes"]]
     lines = [f"# Kernel resources for sm_90 (H100), compiled on a CPU host, {date.today().isoformat()}",
-             "", f"{len(rows)} kernel builds (every config x kernel x shape, {args.dtype}, "
-             f"triton {_triton_version()}); {len(spilling)} spill registers.", "",
+             "", f"{len(rows)} kernel builds: every tile config of every kernel (forward with bias, "
+             f"grad x, grad W0, grad W1 with grad bias) for d x d layers, d in {args.dims}, "
+             f"{', '.join(args.structures)}, {tokens} tokens, {args.dtype}, triton {_triton_version()}. "
+             f"{len(spilling)} of them spill registers.", "",
              "| kernel | configs | registers (min-max) | max spill bytes | max shared KiB |",
              "|---|---|---|---|---|"]
     for role in ("forward", "grad x", "grad W0", "grad W1"):

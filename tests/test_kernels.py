@@ -356,22 +356,27 @@ def test_bad_shapes(x_shape, w0_shape, w1_shape, rank, word):
 
 def test_kernels_compile_for_h100_without_spilling():
     """The real compiler pipeline for sm_90 (no GPU needed): catches code that the interpreter
-    runs but that does not lower for a GPU, and tile configs that spill registers."""
+    runs but that does not lower for a GPU in any dtype, and tile configs that spill registers."""
     code = """
 import torch
 from structlayers.kernels import aot
-for role, (module, kernel, args) in aot.btt_launches((32, 32, 32, 2, 32), 4096, torch.bfloat16).items():
-    for config in module.CONFIGS[::4]:
-        usage = aot.resources(aot.compile_for_gpu(kernel, args, config))
-        print(role, usage["registers"], usage["spill_bytes"], usage["shared_bytes"])
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    launches = aot.btt_launches((32, 32, 32, 2, 32), 4096, dtype)
+    for role, (module, kernel, args) in launches.items():
+        for config in module.CONFIGS[:: 4 if dtype == torch.bfloat16 else 99]:
+            usage = aot.resources(aot.compile_for_gpu(kernel, args, config))
+            print(dtype, role, usage["registers"], usage["spill_bytes"], usage["shared_bytes"])
 """
     env = dict(os.environ, TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     rows = [line.split() for line in out.stdout.splitlines()]
-    assert len(rows) >= 8, out.stdout + out.stderr
-    for *role, registers, spill, shared in rows:
-        assert int(spill) == 0 and int(registers) <= 255, role
+    assert len(rows) >= 16 and {row[0] for row in rows} == {"torch.bfloat16", "torch.float16",
+                                                             "torch.float32"}, out.stdout + out.stderr
+    for dtype, *role, _registers, spill, shared in rows:
+        # 16-bit tiles are the ones the configs were sized for; fp32 tiles are twice as big and
+        # may spill a little (the autotuner then picks another config): they only have to lower
+        assert int(spill) == 0 or dtype == "torch.float32", (dtype, role)
         assert int(shared) <= 227 * 1024, role  # an H100 program's shared-memory limit
 
 
