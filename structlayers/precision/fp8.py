@@ -1,0 +1,81 @@
+"""FP8 simulation at every core contraction, with per-tensor scaling.
+
+For each contraction y = einsum(x, core) the policy quantizes the activation x and the core to
+E4M3 (by default) in the forward pass and the gradient dL/dy to E5M2 in the backward pass, each
+with its own TensorScaler. The backward einsums then see exactly the operands an FP8 GEMM would:
+the quantized x and core (saved by the forward) and the quantized gradient.
+"""
+
+import torch
+
+from .formats import MAX_MARGIN, get_format
+from .policy import Policy
+from .scaler import SCALINGS, TensorScaler
+
+KINDS = ("activation", "weight", "gradient")
+
+
+class FP8(Policy):
+    """FP8(forward="e4m3", backward="e5m2", scaling="dynamic", margin=0, history=16, record=True).
+
+    scaling: "dynamic", "delayed" (amax history of `history` steps) or "none" (naive casting).
+    margin: extra powers of two of headroom below the format's max (0..16).
+    record: keep every (amax, scale) per tensor for `scale_history` / `plot_scales`.
+    """
+
+    def __init__(self, forward: str = "e4m3", backward: str = "e5m2", scaling: str = "dynamic",
+                 margin: int = 0, history: int = 16, record: bool = True):
+        self.forward_format, self.backward_format = get_format(forward), get_format(backward)
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+        if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= MAX_MARGIN:
+            raise ValueError(f"margin must be an int in 0..{MAX_MARGIN}, got {margin!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be a positive int, got {history!r}")
+        if not isinstance(record, bool):
+            raise TypeError(f"record must be a bool, got {record!r}")
+        self.scaling, self.margin, self.history, self.record = scaling, margin, history, record
+        self.scalers = {}  # (core name, kind) -> TensorScaler
+
+    def settings(self) -> dict:
+        return {"forward": self.forward_format.name, "backward": self.backward_format.name,
+                "scaling": self.scaling, "margin": self.margin, "history": self.history,
+                "record": self.record}
+
+    def scaler(self, core: str, kind: str) -> TensorScaler:
+        if (core, kind) not in self.scalers:
+            fmt = self.backward_format if kind == "gradient" else self.forward_format
+            self.scalers[core, kind] = TensorScaler(fmt, self.scaling, self.margin, self.history,
+                                                    self.record)
+        return self.scalers[core, kind]
+
+    def contract(self, x, core, step):
+        x = _StraightThrough.apply(x, self.scaler(step.core, "activation"))
+        core = _StraightThrough.apply(core, self.scaler(step.core, "weight"))
+        y = torch.einsum(step.equation, x, core)
+        return _QuantizeGradient.apply(y, self.scaler(step.core, "gradient"))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Quantizes in the forward pass; the gradient passes through unchanged (STE)."""
+
+    @staticmethod
+    def forward(ctx, t, scaler):
+        return scaler(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _QuantizeGradient(torch.autograd.Function):
+    """Identity forward; quantizes the incoming gradient in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, y, scaler):
+        ctx.scaler = scaler
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.scaler(grad), None
