@@ -156,6 +156,43 @@ def test_fp8_layers_stay_close_to_full_precision(name):
         assert rel_err(got, want) < 0.2
 
 
+def _graph_ops(y):
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack += [f for f, _ in fn.next_functions]
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_real_fp8_gemms_match_the_simulation(name):
+    """torch._scaled_mm (FP8 x FP8, fp32 accumulation; it runs on CPU too) gives what the
+    simulation gives, forward and backward, wherever a contraction is one GEMM."""
+    from structlayers.precision.fp8_gemm import gemm_plan
+
+    torch.manual_seed(0)
+    simulated = CLASSES[name](48, 40, **STRUCTURES[name])
+    real = CLASSES[name](48, 40, **STRUCTURES[name])
+    real.load_state_dict(simulated.state_dict())
+    sl.precision.apply(simulated, FP8(gemm="simulate"))
+    sl.precision.apply(real, FP8(gemm="scaled_mm"))
+    x = torch.randn(6, 48)
+    grad_y = torch.randn(6, 40) * 1e-3
+    results = []
+    for layer in (simulated, real):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(grad_y)
+        results.append((y, xg.grad, *(p.grad for p in layer.parameters()), _graph_ops(y)))
+    one_gemm = [gemm_plan(step) is not None for _, _, step in real.core_steps]
+    assert all(one_gemm) == (name not in ("monarch", "btt"))  # block steps are batched GEMMs
+    assert ("_FP8MatmulBackward" in results[1][-1]) == any(one_gemm)
+    for got, want in zip(results[1][:-1], results[0][:-1], strict=True):
+        assert rel_err(got, want) < 1e-5
+
+
 # --- unit scaling -------------------------------------------------------------------------------
 @pytest.mark.parametrize("width", [256, 1024, 4096])
 @pytest.mark.parametrize("name", list(STRUCTURES))
@@ -245,6 +282,7 @@ def test_apply_bad_input_changes_nothing():
     ({"margin": 1.5}, ValueError, "margin"),
     ({"history": 0}, ValueError, "history"),
     ({"record": "yes"}, TypeError, "record"),
+    ({"gemm": "cublas"}, ValueError, "gemm"),
 ])
 def test_bad_fp8_settings(kwargs, error, word):
     with pytest.raises(error, match=word):

@@ -36,10 +36,12 @@ def scale_from_amax(amax: torch.Tensor, fmt: Format, margin: int = 0) -> torch.T
     return torch.exp2(torch.floor(torch.log2(fmt.max / amax.float())) - margin)
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor | float, fmt: Format) -> torch.Tensor:
-    """x rounded to `fmt` at `scale` and scaled back, in x's dtype: cast(clamp(x s)) / s.
+def to_fp8(x: torch.Tensor, scale: torch.Tensor | float, fmt: Format) -> torch.Tensor:
+    """cast_fp8(clamp(x * scale)): the FP8 tensor itself. Values beyond fmt.max / scale saturate
+    (as TransformerEngine's casts do) instead of turning into NaN."""
+    return (x.float() * scale).clamp(-fmt.max, fmt.max).to(fmt.dtype)
 
-    Values beyond fmt.max / s saturate (as TransformerEngine's casts do), not turn into NaN.
-    """
-    scaled = (x.float() * scale).clamp(-fmt.max, fmt.max)
-    return (scaled.to(fmt.dtype).float() / scale).to(x.dtype)
+
+def quantize(x: torch.Tensor, scale: torch.Tensor | float, fmt: Format) -> torch.Tensor:
+    """x rounded to `fmt` at `scale` and scaled back, in x's dtype: cast(clamp(x s)) / s."""
+    return (to_fp8(x, scale, fmt).float() / scale).to(x.dtype)

@@ -25,8 +25,13 @@ class TensorScaler:
         self.records = []  # (amax, scale) tensors, one pair per call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x quantized at the updated scale, in x's dtype."""
+        return quantize(x, self.update(x), self.fmt)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Take x's amax into the state and return the scale to quantize x with (a 0-d tensor)."""
         if self.scaling == "none":
-            return quantize(x, 1.0, self.fmt)
+            return torch.ones((), device=x.device)
         amax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
         finite_amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
         if self.scaling == "delayed":
@@ -43,4 +48,4 @@ class TensorScaler:
                                                          self.margin), previous)
         if self.record:
             self.records.append((amax, self.scale))
-        return quantize(x, self.scale, self.fmt)
+        return self.scale
