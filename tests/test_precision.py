@@ -324,3 +324,17 @@ def test_kernels_step_aside_for_a_policy():
         layer(torch.randn(2, 16))
     used = [key for key, scaler in layer.precision.scalers.items() if scaler.records]
     assert sorted(used) == [("W0", "activation"), ("W0", "weight"), ("W1", "activation"), ("W1", "weight")]
+
+
+@pytest.mark.parametrize("policy", [FP8(), UnitScaled()], ids=["fp8", "unit"])
+def test_policies_under_torch_compile(policy):
+    layer = sl.BTT(48, 40, rank=2)
+    sl.precision.apply(layer, policy)
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(6, 48, requires_grad=True)
+    compiled(x).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    want = layer(x)
+    want.sum().backward()
+    assert torch.allclose(compiled(x), want) and torch.allclose(got, x.grad)

@@ -61,6 +61,9 @@ class FP8(Policy):
                                                     self.record)
         return self.scalers[core, kind]
 
+    # The scalers' state lives in Python (and is appended to every call), which torch.compile
+    # cannot capture: compiled models run this contraction eagerly (a graph break), correctly.
+    @torch.compiler.disable
     def contract(self, x, core, step):
         plan = gemm_plan(step) if self.gemm != "simulate" else None
         if plan is not None and (self.gemm == "scaled_mm" or _fp8_tensor_cores(x, plan, x.shape[0])):
