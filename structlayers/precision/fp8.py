@@ -12,7 +12,7 @@ import torch
 
 from .formats import MAX_MARGIN, get_format
 from .fp8_gemm import fp8_contract, gemm_plan
-from .policy import Policy
+from .policy import Policy, map_gradient
 from .scaler import SCALINGS, TensorScaler
 
 KINDS = ("activation", "weight", "gradient")
@@ -71,7 +71,7 @@ class FP8(Policy):
         x = _StraightThrough.apply(x, self.scaler(step.core, "activation"))
         core = _StraightThrough.apply(core, self.scaler(step.core, "weight"))
         y = torch.einsum(step.equation, x, core)
-        return _QuantizeGradient.apply(y, self.scaler(step.core, "gradient"))
+        return map_gradient(y, self.scaler(step.core, "gradient"))  # gradients to E5M2
 
 
 def _fp8_tensor_cores(x, plan, tokens) -> bool:
@@ -92,16 +92,3 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-class _QuantizeGradient(torch.autograd.Function):
-    """Identity forward; quantizes the incoming gradient in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, y, scaler):
-        ctx.scaler = scaler
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.scaler(grad), None

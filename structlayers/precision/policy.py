@@ -33,3 +33,19 @@ class Policy:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
+
+
+def map_gradient(t: torch.Tensor, fn) -> torch.Tensor:
+    """t unchanged in the forward pass; its gradient replaced by fn(gradient) in the backward."""
+    return _MapGradient.apply(t, fn)
+
+
+class _MapGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, fn):
+        ctx.fn = fn
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.fn(grad), None

@@ -14,7 +14,7 @@ from math import sqrt
 
 import torch
 
-from .policy import Policy
+from .policy import Policy, map_gradient
 
 INITS = ("unit", "preserve")
 
@@ -43,22 +43,6 @@ class UnitScaled(Policy):
         alpha, beta_x = 1 / sqrt(step.fan_in), 1 / sqrt(step.fan_out)
         shared = [m for m in (*step.x_modes, *step.out_modes) if m not in step.core_modes]
         beta_w = 1 / sqrt(max(1, x.shape[0] * step.size(set(shared))))
-        x = _scale_gradient(x, beta_x / alpha)
-        core = _scale_gradient(core, beta_w / alpha)
+        x = map_gradient(x, lambda grad: grad * (beta_x / alpha))
+        core = map_gradient(core, lambda grad: grad * (beta_w / alpha))
         return alpha * torch.einsum(step.equation, x, core)
-
-
-def _scale_gradient(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """t in the forward pass; its gradient times `factor` in the backward pass."""
-    return _ScaleGradient.apply(t, factor)
-
-
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, factor):
-        ctx.factor = factor
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
