@@ -1,0 +1,107 @@
+"""Fit a structure's cores to a target tensor by alternating least squares (ALS).
+
+Each step solves one core exactly with the others fixed. With E the other cores contracted into
+an (other entries x core bonds) matrix, the core G (I_k x B) solves G (E^T E) = T_(k) E. Neither E
+nor the target's unfolding is formed: both sides are tensor-network contractions with cached
+opt_einsum plans,
+    rhs  = T contracted with every other core              (I_k, B)
+    gram = the other cores contracted with their own copy  (B, B)   (E^T E, over the target modes)
+and the fit's squared error follows from them without rebuilding the tensor:
+    ||T - X||^2 = ||T||^2 - 2 <G, rhs> + <G gram, G>.
+It is deterministic for a seed. A sweep visits the cores forwards, the next one backwards.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import opt_einsum
+
+from .structure import Structure
+
+
+@dataclass
+class Fit:
+    cores: list
+    rse: float  # squared relative error ||X - T||^2 / ||T||^2
+    sweeps: int
+
+
+def check_target(target) -> np.ndarray:
+    """The target as a float64 array, or a clear error."""
+    array = np.asarray(target, dtype=np.float64)
+    if array.ndim < 2:
+        raise ValueError(f"target must have at least 2 modes, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError("target contains NaN or inf")
+    if not np.any(array):
+        raise ValueError("target is all zeros: there is no structure to find")
+    return array
+
+
+def fit_als(target, structure: Structure, max_sweeps: int = 60, tol: float = 1e-7,
+            rse_tol: float = 1e-12, seed: int = 0, restarts: int = 1, cores=None) -> Fit:
+    """Best of `restarts` ALS runs (each from Gaussian cores, or from `cores` for the first).
+
+    Stops a run after `max_sweeps`, when the squared RSE drops below `rse_tol`, or when a sweep
+    improves it by less than `tol` (relative).
+    """
+    target = check_target(target)
+    if target.shape != structure.sizes:
+        raise ValueError(f"target shape {target.shape} does not match the structure's sizes "
+                         f"{structure.sizes}")
+    best = None
+    rng = np.random.default_rng(seed)
+    norm2 = float(np.sum(target * target))
+    for attempt in range(restarts):
+        start = cores if attempt == 0 and cores is not None else \
+            structure.random_cores(rng, np.sqrt(norm2))
+        result = _als(target, norm2, structure, [np.array(c, dtype=np.float64) for c in start],
+                      max_sweeps, tol, rse_tol)
+        if best is None or result.rse < best.rse:
+            best = result
+        if best.rse <= rse_tol:
+            break
+    return best
+
+
+def _als(target, norm2, structure, cores, max_sweeps, tol, rse_tol) -> Fit:
+    order = list(range(structure.order))
+    rse, previous = 1.0, np.inf
+    for sweep in range(1, max_sweeps + 1):
+        for k in order if sweep % 2 else order[::-1]:
+            rhs_expr, gram_expr = _core_expressions(structure, k)
+            others = [c for a, c in enumerate(cores) if a != k]
+            shape = structure.core_shape(k)
+            bonds = int(np.prod(shape[1:]))
+            rhs = rhs_expr(target, *others).reshape(shape[0], bonds)
+            gram = gram_expr(*others, *others).reshape(bonds, bonds)
+            ridge = 1e-12 * max(np.trace(gram) / bonds, 1e-300)
+            core = np.linalg.solve(gram + ridge * np.eye(bonds), rhs.T).T
+            cores[k] = core.reshape(shape)
+            fitted2 = float(np.einsum("ib,bc,ic->", core, gram, core))
+            rse = max(0.0, (norm2 - 2 * float(np.sum(core * rhs)) + fitted2) / norm2)
+        if not np.isfinite(rse) or rse <= rse_tol or previous - rse < tol * max(previous, 1e-300):
+            break
+        previous = rse
+    if not all(np.isfinite(c).all() for c in cores):
+        rse = np.inf
+    return Fit(cores, float(rse), sweep)
+
+
+@lru_cache(maxsize=1024)
+def _core_expressions(structure: Structure, k: int):
+    """opt_einsum plans for rhs (target with the other cores) and gram (the other cores twice)."""
+    terms, mode, bond = structure.einsum_terms(skip=k)
+    own = [bond[tuple(sorted((k, b)))] for b in structure.neighbours(k)]
+    out = mode[structure.perm[k]] + "".join(own)
+    shapes = [structure.core_shape(a) for a in range(structure.order) if a != k]
+    rhs = opt_einsum.contract_expression(f"{''.join(mode)},{','.join(terms)}->{out}",
+                                         structure.sizes, *shapes)
+    # the copy: every bond symbol primed (a fresh symbol), the target modes shared
+    fresh = {s: opt_einsum.get_symbol(structure.order + len(bond) + i) for i, s in enumerate(bond.values())}
+    copies = ["".join(fresh.get(ch, ch) for ch in term) for term in terms]
+    gram = opt_einsum.contract_expression(
+        f"{','.join(terms)},{','.join(copies)}->{''.join(own)}{''.join(fresh[s] for s in own)}",
+        *shapes, *shapes)
+    return rhs, gram
