@@ -1,1 +1,21 @@
-"""Tensor-network structure search (installed as structlayers.search)."""
+"""Tensor-network structure search (installed as structlayers.search).
+
+    from structlayers.search import tnale, tnls, greedy, Structure
+    result = tnale(target, topology="tr", max_evaluations=500, workers=2, log="run.jsonl")
+    print(result.summary())           # ranks, permutation, RSE, compression, evaluations, time
+
+Every search evaluates structures through an `Evaluator` (runner.py): objective
+#params/#entries + lam * RSE, a cache, parallel ALS fits on any concurrent.futures.Executor,
+evaluation/time budgets and a JSON-lines log that a restarted search resumes from.
+"""
+
+from .fit import Fit, fit_als
+from .greedy import greedy
+from .result import SearchResult
+from .runner import BudgetExhausted, Evaluation, Evaluator
+from .structure import Structure
+from .tnale import tnale
+from .tnls import tnls
+
+__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "fit_als",
+           "greedy", "tnale", "tnls"]

@@ -145,7 +145,8 @@ class Structure:
         for a in range(self.order):
             if a == skip:
                 continue
-            terms.append(mode[self.perm[a]] + "".join(bond[tuple(sorted((a, b)))] for b in self.neighbours(a)))
+            own_bonds = "".join(bond[tuple(sorted((a, b)))] for b in self.neighbours(a))
+            terms.append(mode[self.perm[a]] + own_bonds)
         return terms, mode, bond
 
 

@@ -1,0 +1,108 @@
+"""TnALE (Li et al. 2023): alternating local enumeration over the ranks and the mode permutation.
+
+The variables are the bond ranks r_0..r_{B-1} (B = N bonds for a ring, N-1 for a train) in
+[1, max_rank] and the permutation of modes to cores. A sweep visits r_0..r_{B-1}, the
+permutation, then r_{B-1}..r_0; for each variable it evaluates every candidate in its window with
+the other variables fixed and moves to the best:
+    a rank r:         {r-L, ..., r+L}, shifted to stay in [1, max_rank]
+    the permutation:  the current one and every single transposition
+Early sweeps use radius L = `radius` and fit only the window's ends and centre, interpolating the
+objective in between (an interpolated winner is fitted before it is taken); once a sweep stops
+improving, radius 1 with every candidate fitted. When that stalls too, the search restarts from
+a random perturbation of the best structure, `restarts` times.
+"""
+
+import numpy as np
+
+from .result import SearchResult, check_search_args, finish, ring_structure
+from .runner import BudgetExhausted, Evaluator
+
+
+def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, radius: int = 2,
+          permute: bool = True, restarts: int = 2, seed: int = 0, evaluator: Evaluator | None = None,
+          **evaluator_args) -> SearchResult:
+    """Search ranks (and the permutation, if `permute`) of a tensor ring or train for `target`.
+
+    evaluator_args go to Evaluator (lam, rse, fit, workers, executor, log, max_evaluations,
+    max_seconds, progress), or pass a ready `evaluator`.
+    """
+    evaluator = evaluator or Evaluator(target, **evaluator_args)
+    bonds = check_search_args(evaluator.target.shape, topology, max_rank, init_rank)
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
+        raise ValueError(f"radius must be a positive int, got {radius!r}")
+    sizes, n = evaluator.target.shape, evaluator.target.ndim
+    rng = np.random.default_rng(seed)
+    ranks, perm = [init_rank] * bonds, list(range(n))
+
+    def evaluate(candidates):
+        return evaluator.evaluate([ring_structure(sizes, topology, r, p) for r, p in candidates])
+
+    try:
+        best = evaluate([(ranks, perm)])[0].objective
+        for attempt in range(restarts + 1):
+            for sweep_radius, interpolate in ((radius, radius > 1), (1, False)):
+                while True:
+                    improved = False
+                    for var in [*range(bonds), "perm", *reversed(range(bonds))]:
+                        if var == "perm":
+                            if not permute:
+                                continue
+                            candidates = [(ranks, perm)] + [(ranks, _swap(perm, i, j))
+                                                            for i in range(n) for j in range(i + 1, n)]
+                            scores = [e.objective for e in evaluate(candidates)]
+                        else:
+                            candidates, scores = _rank_window(evaluate, ranks, perm, var, sweep_radius,
+                                                              max_rank, interpolate)
+                        choice = int(np.argmin(scores))
+                        if scores[choice] < best - 1e-12:
+                            ranks, perm = list(candidates[choice][0]), list(candidates[choice][1])
+                            best, improved = scores[choice], True
+                    if not improved:
+                        break
+            if attempt == restarts:
+                break
+            # stalled: restart around the best structure found
+            centre = evaluator.best().structure
+            ranks = [int(np.clip(r + rng.integers(-1, 2), 1, max_rank))
+                     for r in _bond_ranks(centre, topology)]
+            perm = list(centre.perm)
+            i, j = rng.choice(n, 2, replace=False)
+            perm = _swap(perm, i, j) if permute else perm
+            best = evaluate([(ranks, perm)])[0].objective
+    except BudgetExhausted:
+        pass
+    return finish(evaluator, "tnale")
+
+
+def _rank_window(evaluate, ranks, perm, k, radius, max_rank, interpolate):
+    """Candidates for rank k and their objectives (window ends and centre fitted if interpolating)."""
+    low = max(1, min(ranks[k] - radius, max_rank - 2 * radius))
+    values = list(range(low, min(max_rank, low + 2 * radius) + 1))
+    candidates = [(_set(ranks, k, v), perm) for v in values]
+    if not interpolate or len(values) <= 3:
+        return candidates, [e.objective for e in evaluate(candidates)]
+    fitted = sorted({0, values.index(ranks[k]) if ranks[k] in values else 0, len(values) - 1})
+    known = dict(zip(fitted, (e.objective for e in evaluate([candidates[i] for i in fitted])), strict=True))
+    scores = list(np.interp(range(len(values)), list(known), list(known.values())))
+    choice = int(np.argmin(scores))
+    if choice not in known:  # never move on an interpolated value
+        scores[choice] = evaluate([candidates[choice]])[0].objective
+    return candidates, scores
+
+
+def _bond_ranks(structure, topology):
+    n = structure.order
+    bonds = n if topology == "tr" else n - 1
+    return [structure.ranks[k][(k + 1) % n] for k in range(bonds)]
+
+
+def _set(values, k, v):
+    values = list(values)
+    values[k] = v
+    return values
+
+
+def _swap(perm, i, j):
+    perm = list(perm)
+    perm[i], perm[j] = perm[j], perm[i]
+    return perm
