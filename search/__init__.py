@@ -16,6 +16,7 @@ from .runner import BudgetExhausted, Evaluation, Evaluator
 from .structure import Structure
 from .tnale import tnale
 from .tnls import tnls
+from .tucker import TuckerShape, tucker_error, tucker_params, tucker_ranks
 
-__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "fit_als",
-           "greedy", "tnale", "tnls"]
+__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "TuckerShape",
+           "fit_als", "greedy", "tnale", "tnls", "tucker_error", "tucker_params", "tucker_ranks"]

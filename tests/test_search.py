@@ -213,3 +213,56 @@ def test_tnale_reaches_the_order_6_ground_truth():
     truth, target = ring_target((3, 4, 3, 4, 3, 4), (2, 3, 2, 1, 3, 2), (4, 1, 5, 0, 2, 3), seed=2)
     result = tnale(target, max_evaluations=300, restarts=1, progress=False)
     assert result.rse <= 1e-4 and result.compression >= truth.compression * (1 - 1e-9)
+
+
+# --- Tucker core shapes --------------------------------------------------------------------------
+def _tucker_tensor(sizes, ranks, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    core = rng.standard_normal(ranks)
+    factors = [np.linalg.qr(rng.standard_normal((s, r)))[0] for s, r in zip(sizes, ranks, strict=True)]
+    x = np.einsum("abc,ia,jb,kc->ijk", core, *factors)
+    return x + noise * rng.standard_normal(sizes)
+
+
+@pytest.mark.parametrize("method", ["ip", "greedy", "refit"])
+def test_tucker_ranks_find_the_exact_multilinear_rank(method):
+    from structlayers.search import tucker_error, tucker_params, tucker_ranks
+
+    sizes, ranks = (12, 15, 10), (3, 5, 2)
+    target = _tucker_tensor(sizes, ranks)
+    shape = tucker_ranks(target, tucker_params(sizes, ranks), method)
+    assert shape.ranks == ranks and shape.params == tucker_params(sizes, ranks)
+    # the error comes from ||T||^2 - ||core||^2: float cancellation leaves ~1e-8 after the sqrt
+    assert tucker_error(target, shape.ranks) < 1e-6 and shape.kept_energy > 1 - 1e-12
+
+
+def test_tucker_integer_program_is_optimal_on_small_problems():
+    """Against brute force over every rank tuple within the budget (the surrogate objective)."""
+    import itertools
+
+    from structlayers.search import tucker_params, tucker_ranks
+
+    noise = np.random.default_rng(3).standard_normal((5, 6, 4))
+    target = noise + _tucker_tensor((5, 6, 4), (2, 2, 2), seed=1)
+    energy = [np.linalg.svd(np.moveaxis(target, n, 0).reshape(target.shape[n], -1), compute_uv=False) ** 2
+              for n in range(3)]
+    for budget in (30, 45, 60, 90):
+        best = max(sum(float(np.sum(e[:r])) for e, r in zip(energy, ranks, strict=True))
+                   for ranks in itertools.product(*(range(1, s + 1) for s in target.shape))
+                   if tucker_params(target.shape, ranks) <= budget)
+        ip, greedy_shape = tucker_ranks(target, budget, "ip"), tucker_ranks(target, budget, "greedy")
+        total = 3 * float(np.sum(target**2))
+        assert ip.kept_energy * total == pytest.approx(best, rel=1e-12), budget
+        assert greedy_shape.kept_energy <= ip.kept_energy + 1e-12 and ip.params <= budget
+
+
+def test_tucker_bad_input():
+    from structlayers.search import tucker_ranks
+
+    target = np.ones((3, 4, 5))
+    with pytest.raises(ValueError, match="budget"):
+        tucker_ranks(target, 0)
+    with pytest.raises(ValueError, match="method"):
+        tucker_ranks(target, 100, "anneal")
+    with pytest.raises(ValueError, match="NaN"):
+        tucker_ranks(np.full((3, 3), np.inf), 100)
