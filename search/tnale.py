@@ -39,6 +39,7 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
 
     try:
         best = evaluate([(ranks, perm)])[0].objective
+        anchor = (best, ranks, perm)  # the best centre so far: (objective, ranks, perm)
         for attempt in range(restarts + 1):
             for sweep_radius, interpolate in ((radius, radius > 1), (1, False)):
                 while True:
@@ -59,13 +60,14 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
                             best, improved = scores[choice], True
                     if not improved:
                         break
+            if best < anchor[0]:
+                anchor = (best, ranks, perm)
             if attempt == restarts:
                 break
-            # stalled: restart around the best structure found
-            centre = evaluator.best().structure
-            ranks = [int(np.clip(r + rng.integers(-1, 2), 1, max_rank))
-                     for r in _bond_ranks(centre, topology)]
-            perm = list(centre.perm)
+            # stalled: restart from a random perturbation of the best centre this search reached
+            # (its own path, not the evaluator's cache, which a resumed log fills in advance)
+            ranks = [int(np.clip(r + rng.integers(-1, 2), 1, max_rank)) for r in anchor[1]]
+            perm = list(anchor[2])
             i, j = rng.choice(n, 2, replace=False)
             perm = _swap(perm, i, j) if permute else perm
             best = evaluate([(ranks, perm)])[0].objective
@@ -88,12 +90,6 @@ def _rank_window(evaluate, ranks, perm, k, radius, max_rank, interpolate):
     if choice not in known:  # never move on an interpolated value
         scores[choice] = evaluate([candidates[choice]])[0].objective
     return candidates, scores
-
-
-def _bond_ranks(structure, topology):
-    n = structure.order
-    bonds = n if topology == "tr" else n - 1
-    return [structure.ranks[k][(k + 1) % n] for k in range(bonds)]
 
 
 def _set(values, k, v):

@@ -1,4 +1,4 @@
-"""The `structlayers` command line: `structlayers bench`, `structlayers show`."""
+"""The `structlayers` command line: `structlayers bench`, `show`, `search`."""
 
 import argparse
 import sys
@@ -50,6 +50,38 @@ def _gpu_path(layer) -> str:
     return f"GPU path: fused Triton kernel, (m1, m0, n0, r, n1) = {dims}"
 
 
+def _search(args):
+    import numpy as np
+
+    from .search import greedy as greedy_search
+    from .search import tnale, tnls, tucker_ranks
+
+    path = Path(args.target)
+    if not path.is_file():
+        raise ValueError(f"target file {str(path)!r} does not exist")
+    try:
+        target = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read {str(path)!r} as a .npy array: {error}") from None
+    if args.method == "tucker":
+        shape = tucker_ranks(target, args.budget, "ip")
+        print(f"tucker: ranks {shape.ranks}, {shape.params:,} params (budget {args.budget:,}), "
+              f"energy kept {shape.kept_energy:.6f}, {shape.seconds:.2f} s")
+        return
+    common = {"max_evaluations": args.budget, "max_seconds": args.seconds, "workers": args.workers,
+              "log": args.log, "lam": args.lam, "progress": not args.quiet}
+    if args.method == "greedy":
+        result = greedy_search(target, max_rank=args.max_rank, **common)
+    else:
+        search = tnale if args.method == "tnale" else tnls
+        result = search(target, topology=args.topology, max_rank=args.max_rank, **common)
+    print(result.summary())
+    out = Path(args.out) if args.out else path.with_suffix(".cores.npz")
+    np.savez(out, structure=result.structure.key(),
+             **{f"core_{k}": core for k, core in enumerate(result.cores)})
+    print(f"wrote {out}")
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structlayers", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +106,24 @@ def make_parser() -> argparse.ArgumentParser:
     show.add_argument("in_features", type=_positive)
     show.add_argument("out_features", type=_positive)
     show.set_defaults(run=_show)
+
+    search = commands.add_parser(
+        "search", help="find a tensor-network structure (ranks, permutation) for a tensor in a .npy file")
+    search.add_argument("target", help="a .npy file with the tensor")
+    search.add_argument("--method", choices=["tnale", "tnls", "greedy", "tucker"], default="tnale")
+    search.add_argument("--topology", choices=["tr", "tt"], default="tr",
+                        help="tensor ring or train (tnale/tnls; greedy searches the full graph)")
+    search.add_argument("--budget", type=_positive, default=500,
+                        help="evaluations (fits) at most; for --method tucker: parameters at most")
+    search.add_argument("--seconds", type=float, help="time budget")
+    search.add_argument("--max-rank", type=_positive, default=6, help="largest bond rank (6)")
+    search.add_argument("--lam", type=float, default=200.0,
+                        help="objective = params/entries + lam * squared RSE (200)")
+    search.add_argument("--workers", type=_positive, default=1, help="fitting processes")
+    search.add_argument("--log", help="JSON-lines log to append to and resume from")
+    search.add_argument("--out", help="where to write the cores (.npz; default TARGET.cores.npz)")
+    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.set_defaults(run=_search)
     return parser
 
 

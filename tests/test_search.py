@@ -136,6 +136,8 @@ def test_killed_search_resumes_from_its_log_without_refitting(tmp_path):
     resumed = tnale(target, evaluator=resumed_ev)
     assert resumed.structure == full.structure and resumed.evaluations == full.evaluations
     assert len(log.read_text().splitlines()) == 1 + full.evaluations  # each structure fitted once
+    again = tnale(target, max_evaluations=400, log=log, progress=False)  # a finished search, rerun
+    assert again.structure == full.structure and len(log.read_text().splitlines()) == 1 + full.evaluations
 
 
 def test_log_errors_and_a_torn_last_line(tmp_path):
