@@ -9,6 +9,7 @@ Every search evaluates structures through an `Evaluator` (runner.py): objective
 evaluation/time budgets and a JSON-lines log that a restarted search resumes from.
 """
 
+from .baselines import tr_svd, tt_svd
 from .fit import Fit, fit_als
 from .greedy import greedy
 from .result import SearchResult
@@ -19,4 +20,5 @@ from .tnls import tnls
 from .tucker import TuckerShape, tucker_error, tucker_params, tucker_ranks
 
 __all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "TuckerShape",
-           "fit_als", "greedy", "tnale", "tnls", "tucker_error", "tucker_params", "tucker_ranks"]
+           "fit_als", "greedy", "tnale", "tnls", "tr_svd", "tt_svd", "tucker_error", "tucker_params",
+           "tucker_ranks"]

@@ -268,3 +268,27 @@ def test_tucker_bad_input():
         tucker_ranks(target, 100, "anneal")
     with pytest.raises(ValueError, match="NaN"):
         tucker_ranks(np.full((3, 3), np.inf), 100)
+
+
+# --- TT-SVD / TR-SVD baselines -------------------------------------------------------------------
+def test_tt_svd_recovers_a_tensor_train_with_its_ranks():
+    from structlayers.search import tt_svd
+
+    truth = Structure.tensor_train((3, 4, 5, 3), (2, 3, 2))
+    target = truth.contract(truth.random_cores(np.random.default_rng(0)))
+    result = tt_svd(target, eps=1e-8)
+    assert result.structure == truth and result.rse < 1e-20
+    assert np.allclose(result.structure.contract(result.cores), target)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.3, 0.6])
+def test_svd_baselines_respect_the_tolerance(eps):
+    from structlayers.search import tr_svd, tt_svd
+
+    target = np.random.default_rng(1).standard_normal((4, 5, 6, 3))
+    for baseline in (tt_svd, tr_svd):
+        result = baseline(target, eps=eps)
+        actual = np.sum((result.structure.contract(result.cores) - target) ** 2) / np.sum(target**2)
+        assert actual <= eps**2 * (1 + 1e-9) and actual == pytest.approx(result.rse, abs=1e-12)
+    with pytest.raises(ValueError, match="eps"):
+        tt_svd(target, eps=0)
