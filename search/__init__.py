@@ -12,6 +12,7 @@ evaluation/time budgets and a JSON-lines log that a restarted search resumes fro
 from .baselines import tr_svd, tt_svd
 from .fit import Fit, fit_als
 from .greedy import greedy
+from .layers import auto, layer_ranks
 from .result import SearchResult
 from .runner import BudgetExhausted, Evaluation, Evaluator
 from .structure import Structure
@@ -20,5 +21,5 @@ from .tnls import tnls
 from .tucker import TuckerShape, tucker_error, tucker_params, tucker_ranks
 
 __all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "TuckerShape",
-           "fit_als", "greedy", "tnale", "tnls", "tr_svd", "tt_svd", "tucker_error", "tucker_params",
-           "tucker_ranks"]
+           "auto", "fit_als", "greedy", "layer_ranks", "tnale", "tnls", "tr_svd", "tt_svd", "tucker_error",
+           "tucker_params", "tucker_ranks"]

@@ -292,3 +292,55 @@ def test_svd_baselines_respect_the_tolerance(eps):
         assert actual <= eps**2 * (1 + 1e-9) and actual == pytest.approx(result.rse, abs=1e-12)
     with pytest.raises(ValueError, match="eps"):
         tt_svd(target, eps=0)
+
+
+# --- ranks for a layer that replaces a dense weight ---------------------------------------------
+def test_layer_ranks_recover_a_tt_weight_and_respect_budgets():
+    import torch
+
+    import structlayers as sl
+    from structlayers.search import layer_ranks
+
+    torch.manual_seed(0)
+    truth = sl.TT(64, 64, cores=3, rank=(2, 5), bias=False)
+    weight = truth.to_dense().detach()
+    assert layer_ranks(weight, "tt", budget=truth.num_params, cores=3) == "tt:cores=3,rank=2x5"
+    random_weight = torch.randn(48, 40)
+    for kind, cores in (("tt", 3), ("btt", 3), ("tucker", 2)):
+        errors = []
+        for budget in (0.35, 0.7):
+            layer = sl.build(layer_ranks(random_weight, kind, budget, cores), 40, 48, bias=False)
+            assert layer.num_params <= budget * random_weight.numel(), kind
+            errors.append(layer.project_(random_weight))
+        assert errors[1] <= errors[0] + 1e-9, kind  # more budget, no worse
+
+
+def test_auto_ranks_in_structurize():
+    import torch
+
+    import structlayers as sl
+    from structlayers.search import auto
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    sizes = [m.weight.numel() for m in model if isinstance(m, torch.nn.Linear)]
+    sl.structurize(model, auto("tucker", 0.25), project=True)
+    for layer, size in zip([model[0], model[2]], sizes, strict=True):
+        assert isinstance(layer, sl.Tucker) and layer.num_params - layer.out_features <= 0.25 * size
+
+
+def test_layer_ranks_bad_input():
+    import torch
+
+    from structlayers.search import auto, layer_ranks
+
+    weight = torch.randn(16, 16)
+    with pytest.raises(ValueError, match="kind"):
+        layer_ranks(weight, "mera", 0.5)
+    with pytest.raises(ValueError, match="budget"):
+        layer_ranks(weight, "tt", 1.5)
+    with pytest.raises(ValueError, match="below the smallest"):
+        layer_ranks(weight, "btt", 10)
+    with pytest.raises(TypeError, match="weight"):
+        layer_ranks(weight.numpy(), "tt", 0.5)
+    with pytest.raises(ValueError, match="kind"):
+        auto("cp", 0.5)
