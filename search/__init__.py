@@ -10,7 +10,7 @@ evaluation/time budgets and a JSON-lines log that a restarted search resumes fro
 """
 
 from .baselines import tr_svd, tt_svd
-from .fit import Fit, fit_als
+from .fit import Fit, fit_adam, fit_als
 from .greedy import greedy
 from .layers import auto, layer_ranks
 from .result import SearchResult
@@ -21,5 +21,5 @@ from .tnls import tnls
 from .tucker import TuckerShape, tucker_error, tucker_params, tucker_ranks
 
 __all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "TuckerShape",
-           "auto", "fit_als", "greedy", "layer_ranks", "tnale", "tnls", "tr_svd", "tt_svd", "tucker_error",
-           "tucker_params", "tucker_ranks"]
+           "auto", "fit_adam", "fit_als", "greedy", "layer_ranks", "tnale", "tnls", "tr_svd", "tt_svd",
+           "tucker_error", "tucker_params", "tucker_ranks"]

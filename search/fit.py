@@ -9,6 +9,8 @@ opt_einsum plans,
 and the fit's squared error follows from them without rebuilding the tensor:
     ||T - X||^2 = ||T||^2 - 2 <G, rhs> + <G gram, G>.
 It is deterministic for a seed. A sweep visits the cores forwards, the next one backwards.
+If ALS breaks down numerically (a non-finite core), `fit_adam` (all cores jointly, torch autograd
+through the same contraction) takes over.
 """
 
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from functools import lru_cache
 import numpy as np
 import opt_einsum
 
-from .structure import Structure
+from .structure import Structure, _full_expression
 
 
 @dataclass
@@ -62,7 +64,35 @@ def fit_als(target, structure: Structure, max_sweeps: int = 60, tol: float = 1e-
             best = result
         if best.rse <= rse_tol:
             break
+    if not np.isfinite(best.rse):  # ALS broke down: gradient descent on all cores instead
+        return fit_adam(target, structure, seed=seed)
     return best
+
+
+def fit_adam(target, structure: Structure, steps: int = 2000, lr: float = 0.02, seed: int = 0) -> Fit:
+    """Adam on all cores jointly (float64), minimising the squared relative error; slower than
+    ALS but immune to its numerical breakdowns. `sweeps` counts Adam steps."""
+    import torch
+
+    target = torch.as_tensor(check_target(target))
+    norm2 = target.square().sum()
+    rng = np.random.default_rng(seed)
+    cores = [torch.tensor(c, requires_grad=True)
+             for c in structure.random_cores(rng, float(norm2.sqrt()))]
+    optimizer = torch.optim.Adam(cores, lr=lr)
+    expression = _full_expression(structure)
+    taken = 0
+    while taken < steps:
+        taken += 1
+        optimizer.zero_grad()
+        loss = (expression(*cores, backend="torch") - target).square().sum() / norm2
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 1e-14:
+            break
+    with torch.no_grad():
+        rse = float((expression(*cores, backend="torch") - target).square().sum() / norm2)
+    return Fit([c.detach().numpy() for c in cores], rse, taken)
 
 
 def _als(target, norm2, structure, cores, max_sweeps, tol, rse_tol) -> Fit:

@@ -344,3 +344,21 @@ def test_layer_ranks_bad_input():
         layer_ranks(weight.numpy(), "tt", 0.5)
     with pytest.raises(ValueError, match="kind"):
         auto("cp", 0.5)
+
+
+def test_adam_fallback_fits_and_takes_over_when_als_breaks_down(monkeypatch):
+    from structlayers.search import fit as fit_module
+    from structlayers.search import fit_adam
+
+    truth = Structure.tensor_train((3, 4, 3), (2, 2))
+    target = truth.contract(truth.random_cores(np.random.default_rng(0)))
+    adam = fit_adam(target, truth, steps=3000)
+    actual = np.sum((truth.contract(adam.cores) - target) ** 2) / np.sum(target**2)
+    assert adam.rse < 1e-6 and actual == pytest.approx(adam.rse, rel=1e-6, abs=1e-12)
+
+    def broken_als(*args, **kwargs):
+        return fit_module.Fit([], float("nan"), 1)
+
+    monkeypatch.setattr(fit_module, "_als", broken_als)  # simulate a numerical breakdown
+    rescued = fit_als(target, truth)
+    assert rescued.rse < 1e-6 and len(rescued.cores) == 3
