@@ -26,6 +26,7 @@ def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: in
     rng = np.random.default_rng(seed)
     target = evaluator.target
     structure = Structure.from_edges(target.shape, {})
+    scoring_fits = 0
     try:
         current = evaluator(structure)
         while current.rse > rse_target:
@@ -38,6 +39,7 @@ def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: in
                     candidate = structure.with_rank(a, b, structure.ranks[a][b] + 1)
                     warm = _grow(cores, structure, candidate, a, b, rng)
                     fit = fit_als(target, candidate, max_sweeps=score_sweeps, cores=warm)
+                    scoring_fits += 1
                     rse = fit.rse if evaluator.rse_kind == "squared" else np.sqrt(fit.rse)
                     scored.append((objective(candidate, rse, evaluator.lam), candidate))
             if not scored:
@@ -49,7 +51,7 @@ def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: in
             structure, current = best, refit
     except BudgetExhausted:
         pass
-    return finish(evaluator, "greedy")
+    return finish(evaluator, "greedy", scoring_fits)
 
 
 def _grow(cores, old: Structure, new: Structure, a: int, b: int, rng) -> list:

@@ -17,6 +17,7 @@ class SearchResult:
     evaluations: int  # structures fitted (cache hits are free; log-resumed fits count)
     seconds: float
     method: str
+    scoring_fits: int = 0  # cheap fits outside the evaluator (greedy's warm-started scoring)
 
     @property
     def compression(self) -> float:
@@ -28,13 +29,15 @@ class SearchResult:
         return (f"{self.method}: ranks {{{edges}}}, perm {list(self.structure.perm)}, "
                 f"RSE {self.rse:.3g}, compression {self.compression:.1f}x "
                 f"({self.structure.num_params:,} params), objective {self.objective:.4g}, "
-                f"{self.evaluations} evaluations, {self.seconds:.1f} s")
+                f"{self.evaluations} evaluations"
+                + (f" + {self.scoring_fits} scoring fits" if self.scoring_fits else "")
+                + f", {self.seconds:.1f} s")
 
 
-def finish(evaluator: Evaluator, method: str) -> SearchResult:
+def finish(evaluator: Evaluator, method: str, scoring_fits: int = 0) -> SearchResult:
     best = evaluator.best()
     result = SearchResult(best.structure, evaluator.cores_of(best), best.rse, best.objective,
-                          evaluator.evaluations, evaluator.seconds, method)
+                          evaluator.evaluations, evaluator.seconds, method, scoring_fits)
     evaluator.close()
     return result
 
