@@ -147,10 +147,8 @@ def run_images(args):
     lines = [f"# Structure search on natural images ({date.today().isoformat()}, {machine()})", "",
              f"256 x 256 grayscale scikit-image samples reshaped to 4^8 tensors; searches with "
              f"lambda = {args.lam} and {budget} evaluations; TT-SVD/TR-SVD at eps = {args.eps}. "
-             "RSE is squared.", "", "| image | method | RSE | compression | evaluations | seconds |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['image']} | {r['method']} | {r['rse']} | {r['compression']}x | {r['evaluations']} "
-              f"| {r['seconds']} |" for r in rows]
+             "RSE is squared.", "",
+             *_table(rows, ["image", "method", "rse", "compression", "evaluations", "seconds"])]
     _write_md(args.out / "search_images.md", lines)
     _plot(rows, "compression", "rse", "image", args.out / "search_images.png",
           "natural images as 4^8 tensors", log_x=True)
@@ -188,10 +186,8 @@ def run_tucker(args):
     rows = _read(out)
     lines = [f"# Tucker core shapes ({date.today().isoformat()}, {machine()})", "",
              "Relative error of a Tucker fit (HOSVD + 5 HOOI sweeps) with the chosen ranks, and the "
-             "time to choose them.", "", "| tensor | budget | method | ranks | params | error | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['tensor']} | {r['budget']} | {r['method']} | {r['ranks']} | {r['params']} "
-              f"| {r['error']} | {r['seconds']} |" for r in rows]
+             "time to choose them.", "",
+             *_table(rows, ["tensor", "budget", "method", "ranks", "params", "error", "seconds"])]
     _write_md(args.out / "search_tucker.md", lines)
     _plot(rows, "budget", "error", "method", args.out / "search_tucker.png",
           "Tucker core shapes: error vs parameter budget", log_x=True, split="tensor")
@@ -202,6 +198,12 @@ def _edges(structure) -> str:
     return " ".join(f"{a}-{b}:{r}" for (a, b), r in structure.edges().items()) + \
         f" perm {','.join(map(str, structure.perm))}"
 
+
+
+def _table(rows, columns) -> list[str]:
+    """A markdown table of these CSV columns."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(r[c] for c in columns) + " |" for r in rows)]
 
 
 def _done(path: Path, keys) -> set:
