@@ -8,8 +8,11 @@ the other variables fixed and moves to the best:
     the permutation:  the current one and every single transposition
 Early sweeps use radius L = `radius` and fit only the window's ends and centre, interpolating the
 objective in between (an interpolated winner is fitted before it is taken); once a sweep stops
-improving, radius 1 with every candidate fitted. When that stalls too, the search restarts from
-a random perturbation of the best structure, `restarts` times.
+improving, radius 1 with every candidate fitted. When a radius-1 sweep finds nothing, one joint
+move is tried as well (an addition to the paper): a bond one rank lower together with a
+transposition that moves a mode onto or off one of that bond's cores; a local optimum with a rank
+too high often needs exactly that. When that stalls too, the search restarts from a random
+perturbation of the best structure, `restarts` times.
 """
 
 import numpy as np
@@ -58,6 +61,16 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
                         if scores[choice] < best - 1e-12:
                             ranks, perm = list(candidates[choice][0]), list(candidates[choice][1])
                             best, improved = scores[choice], True
+                    if not improved and sweep_radius == 1 and permute:
+                        # converged one variable at a time: try lowering a bond's rank together
+                        # with moving a mode onto or off one of that bond's two cores
+                        candidates = _joint_moves(ranks, perm, topology)
+                        if candidates:
+                            scores = [e.objective for e in evaluate(candidates)]
+                            choice = int(np.argmin(scores))
+                            if scores[choice] < best - 1e-12:
+                                ranks, perm = list(candidates[choice][0]), list(candidates[choice][1])
+                                best, improved = scores[choice], True
                     if not improved:
                         break
             if best < anchor[0]:
@@ -90,6 +103,20 @@ def _rank_window(evaluate, ranks, perm, k, radius, max_rank, interpolate):
     if choice not in known:  # never move on an interpolated value
         scores[choice] = evaluate([candidates[choice]])[0].objective
     return candidates, scores
+
+
+def _joint_moves(ranks, perm, topology):
+    """(ranks, perm) with bond k one rank lower and a transposition involving core k or k+1."""
+    n = len(perm)
+    moves = []
+    for k, r in enumerate(ranks):
+        if r == 1:
+            continue
+        lowered = _set(ranks, k, r - 1)
+        ends = {k, (k + 1) % n}
+        swaps = {tuple(sorted((a, b))) for a in ends for b in range(n) if b != a}
+        moves += [(lowered, _swap(perm, a, b)) for a, b in sorted(swaps)]
+    return moves
 
 
 def _set(values, k, v):
