@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import structlayers as sl
+from structlayers.bench import append_rows, read_rows
 
 RESULTS = Path(__file__).parent / "results"
 STRUCTURES = ("monarch", "btt:rank=1", "btt:rank=2", "btt:rank=4")
@@ -96,14 +97,6 @@ def measure(layer, dense, tokens: int, with_backward: bool) -> dict:
                 "dense_ms": time_ms(run(dense, "torch"))}
 
 
-def done_keys(path: Path, device: str) -> set:
-    if not path.exists():
-        return set()
-    with path.open() as f:
-        return {(r["d"], r["tokens"], r["structure"], r["pass"]) for r in csv.DictReader(f)
-                if r["device"] == device}
-
-
 def run_timings(args):
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py times GPU kernels and needs a CUDA device; none is visible. "
@@ -113,15 +106,11 @@ def run_timings(args):
     name = torch.cuda.get_device_name(device)
     peak, peak_source = peak_bandwidth(device)
     csv_path = args.out / "kernels.csv"
-    done = done_keys(csv_path, name)
+    done = {(r["d"], r["tokens"], r["structure"], r["pass"]) for r in read_rows(csv_path)
+            if r["device"] == name}
     jobs = [(d, t, s, p) for d in args.dims for s in args.structures for t in args.tokens
             for p in ("forward", "forward+backward")]
-    args.out.mkdir(parents=True, exist_ok=True)
-    new_file = not csv_path.exists()
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new_file:
-            writer.writeheader()
+    with append_rows(csv_path, FIELDS) as write:
         for d, tokens, structure, pass_ in tqdm(jobs, desc="kernels", unit="case"):
             if (str(d), str(tokens), structure, pass_) in done:
                 continue
@@ -131,14 +120,13 @@ def run_timings(args):
             with_backward = pass_ == "forward+backward"
             ms = measure(layer, dense, tokens, with_backward)
             roofline_ms = roofline_bytes(layer, tokens, with_backward, x_size(dtype)) / peak * 1e3
-            writer.writerow({"device": name, "date": date.today().isoformat(), "d": d, "tokens": tokens,
+            write({"device": name, "date": date.today().isoformat(), "d": d, "tokens": tokens,
                              "structure": structure, "pass": pass_, **{k: f"{v:.4f}" for k, v in ms.items()},
                              "speedup_vs_dense": f"{ms['dense_ms'] / ms['fused_ms']:.2f}",
                              "speedup_vs_torch": f"{ms['torch_ms'] / ms['fused_ms']:.2f}",
                              "roofline_ms": f"{roofline_ms:.4f}",
                              "x_roofline": f"{ms['fused_ms'] / roofline_ms:.2f}",
                              "bandwidth_fraction": f"{roofline_ms / ms['fused_ms']:.2f}"})
-            f.flush()
             del layer, dense
             torch.cuda.empty_cache()
     write_markdown(csv_path, args.out / "kernels.md", name, f"{peak / 1e12:.2f} TB/s ({peak_source})")
@@ -149,8 +137,7 @@ def x_size(dtype) -> int:
 
 
 def write_markdown(csv_path: Path, md_path: Path, device: str, peak: str):
-    with csv_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["device"] == device]
+    rows = [r for r in read_rows(csv_path) if r["device"] == device]
     lines = [f"# Fused Monarch/BTT kernels on {device}", "",
              f"{max(r['date'] for r in rows)}, torch {torch.__version__}, bf16, square d x d layers "
              f"without bias, peak bandwidth {peak}. x roofline = time / (bytes moved once / peak).",

@@ -17,7 +17,6 @@ summary goes to precision.md and the scales of one FP8 BTT run to precision_scal
 """
 
 import argparse
-import csv
 import math
 import statistics
 from datetime import date
@@ -28,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 import structlayers as sl
-from structlayers.bench import machine
+from structlayers.bench import append_rows, machine, read_rows
 
 RESULTS = Path(__file__).parent / "results"
 STRUCTURES = ("dense", "monarch", "btt:rank=2", "tt:rank=4")
@@ -120,30 +119,19 @@ def main():
     for structure in args.structures:  # bad names fail before any training
         sl.build(structure, args.width, args.width)
     data = load_mnist1d()
-    args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / "precision.csv"
-    done = set()
-    if csv_path.exists():
-        with csv_path.open() as f:
-            done = {(r["structure"], r["mode"], r["seed"], r["width"], r["steps"])
-                    for r in csv.DictReader(f)}
+    done = {(r["structure"], r["mode"], r["seed"], r["width"], r["steps"]) for r in read_rows(csv_path)}
     jobs = [(s, m, seed) for s in args.structures for m in args.modes for seed in range(args.seeds)]
-    with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if not done:
-            writer.writeheader()
+    with append_rows(csv_path, FIELDS) as write:
         for structure, mode, seed in tqdm(jobs, desc="training", unit="run"):
             if (structure, mode, str(seed), str(args.width), str(args.steps)) in done:
                 continue
             row, model = train(structure, mode, seed, args.width, args.steps, data)
-            writer.writerow(row)
-            f.flush()
+            write(row)
             if structure == "btt:rank=2" and mode == "fp8" and seed == 0:
                 sl.precision.plot_scales(model, args.out / "precision_scales.png",
                                          title=f"FP8 scales, mnist1d MLP with BTT rank 2 (w={args.width})")
-    with csv_path.open() as f:
-        rows = [r for r in csv.DictReader(f)
-                if r["width"] == str(args.width) and r["steps"] == str(args.steps)]
+    rows = [r for r in read_rows(csv_path) if r["width"] == str(args.width) and r["steps"] == str(args.steps)]
     lines = [f"# FP8 training on mnist1d ({date.today().isoformat()}, {machine()})", "",
              f"MLP 40 -> {args.width} -> {args.width} -> {args.width} -> 10, hidden layers structured, "
              f"Adam with muP per-core LRs, {args.steps} steps of 128 on 16000 samples, mean of "

@@ -14,7 +14,6 @@ search_synthetic.csv as it ends, and a rerun skips the rows there (kill it any t
 """
 
 import argparse
-import csv
 import json
 import statistics
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from structlayers.bench import machine
+from structlayers.bench import append_rows, machine, read_rows
 from structlayers.search import Structure, greedy, tnale, tnls, tr_svd, tt_svd, tucker_error, tucker_ranks
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,7 +55,7 @@ def run_synthetic(args):
               "compression", "truth_compression", "ranks", "truth_ranks"]
     done = _done(out, ("order", "seed", "method"))
     orders, seeds = ((4, 6), 2) if args.quick else ((4, 6, 8), args.seeds)
-    with _appender(out, fields) as writer:
+    with append_rows(out, fields) as write:
         for seed in range(0 if args.report_only else seeds):  # seed-major: a cut run covers every order
             for order in orders:
                 truth, target = hidden_ring(order, seed)
@@ -71,7 +70,7 @@ def run_synthetic(args):
                     result = search(target, max_evaluations=budget, max_seconds=args.seconds,
                                     workers=args.workers, log=log, progress=False)
                     hit = first_success(log, truth)
-                    writer.writerow({
+                    write({
                         "order": order, "seed": seed, "method": method, "success": hit is not None,
                         "first_success": hit or "", "evaluations": result.evaluations,
                         "seconds": f"{time.perf_counter() - start:.1f}", "rse": f"{result.rse:.3g}",
@@ -81,7 +80,7 @@ def run_synthetic(args):
                         "truth_ranks": _edges(truth)})
                     print(f"order {order} seed {seed} {method}: {result.summary()} "
                           f"(first success at {hit})", flush=True)
-    rows = _read(out)
+    rows = read_rows(out)
     lines = [f"# Structure search on hidden tensor rings ({date.today().isoformat()}, {machine()})", "",
              f"Mode sizes 3 or 4, ranks 1..4, hidden permutation; success = RSE <= {SUCCESS_RSE} at "
              f"no more parameters than the truth. Budgets: {BUDGETS} evaluations, workers "
@@ -126,7 +125,7 @@ def run_images(args):
     done = _done(out, ("image", "method"))
     names = ["camera"] if args.quick else ["camera", "moon", "brick"]
     budget = 100 if args.quick else 500
-    with _appender(out, fields) as writer:
+    with append_rows(out, fields) as write:
         for name, target in _images([] if args.report_only else names):
             for method in [*METHODS, "tt-svd", "tr-svd"]:
                 if (name, method) in done:
@@ -137,13 +136,13 @@ def run_images(args):
                                              workers=args.workers, progress=False, lam=args.lam)
                 else:
                     result = (tt_svd if method == "tt-svd" else tr_svd)(target, eps=args.eps)
-                writer.writerow({"image": name, "method": method, "rse": f"{result.rse:.4g}",
+                write({"image": name, "method": method, "rse": f"{result.rse:.4g}",
                                  "compression": f"{result.compression:.2f}",
                                  "evaluations": result.evaluations,
                                  "seconds": f"{time.perf_counter() - start:.1f}",
                                  "ranks": _edges(result.structure)})
                 print(f"{name} {method}: {result.summary()}", flush=True)
-    rows = _read(out)
+    rows = read_rows(out)
     lines = [f"# Structure search on natural images ({date.today().isoformat()}, {machine()})", "",
              f"256 x 256 grayscale scikit-image samples reshaped to 4^8 tensors; searches with "
              f"lambda = {args.lam} and {budget} evaluations; TT-SVD/TR-SVD at eps = {args.eps}. "
@@ -169,7 +168,7 @@ def run_tucker(args):
     out = args.out / "search_tucker.csv"
     fields = ["tensor", "budget", "method", "ranks", "params", "error", "seconds"]
     done = _done(out, ("tensor", "budget", "method"))
-    with _appender(out, fields) as writer:
+    with append_rows(out, fields) as write:
         for name, target in ({} if args.report_only else _tucker_targets()).items():
             full = target.size
             for fraction in ((0.01, 0.05) if args.quick else (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)):
@@ -178,12 +177,12 @@ def run_tucker(args):
                     if (name, str(budget), method) in done or (method == "refit" and args.quick):
                         continue
                     shape = tucker_ranks(target, budget, method)
-                    writer.writerow({"tensor": name, "budget": budget, "method": method,
+                    write({"tensor": name, "budget": budget, "method": method,
                                      "ranks": "x".join(map(str, shape.ranks)), "params": shape.params,
                                      "error": f"{tucker_error(target, shape.ranks):.5f}",
                                      "seconds": f"{shape.seconds:.3f}"})
                     print(f"{name} budget {budget} {method}: {shape}", flush=True)
-    rows = _read(out)
+    rows = read_rows(out)
     lines = [f"# Tucker core shapes ({date.today().isoformat()}, {machine()})", "",
              "Relative error of a Tucker fit (HOSVD + 5 HOOI sweeps) with the chosen ranks, and the "
              "time to choose them.", "",
@@ -207,36 +206,7 @@ def _table(rows, columns) -> list[str]:
 
 
 def _done(path: Path, keys) -> set:
-    return {tuple(r[k] for k in keys) for r in _read(path)} if path.exists() else set()
-
-
-def _read(path: Path) -> list[dict]:
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
-class _appender:
-    def __init__(self, path: Path, fields):
-        self.path, self.fields = path, fields
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists()
-        self.file = self.path.open("a", newline="")
-        writer = csv.DictWriter(self.file, self.fields)
-        if new:
-            writer.writeheader()
-        original = writer.writerow
-
-        def writerow(row):
-            original(row)
-            self.file.flush()
-
-        writer.writerow = writerow
-        return writer
-
-    def __exit__(self, *exc):
-        self.file.close()
+    return {tuple(r[k] for k in keys) for r in read_rows(path)}
 
 
 def _write_md(path: Path, lines):

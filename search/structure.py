@@ -118,9 +118,6 @@ class Structure:
         ranks[a][b] = ranks[b][a] = rank
         return Structure(self.sizes, tuple(map(tuple, ranks)), self.perm)
 
-    def with_perm(self, perm) -> "Structure":
-        return Structure(self.sizes, self.ranks, tuple(perm))
-
     # --- contraction -------------------------------------------------------------------------------
     def contract(self, cores) -> np.ndarray:
         """The full tensor (sizes) of these cores."""

@@ -9,6 +9,7 @@ import csv
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -100,3 +101,28 @@ def write_results(rows: list[BenchRow], out_dir: Path, title: str) -> tuple[Path
     stem.with_suffix(".md").write_text(
         f"# {title}\n\nMachine: {machine()}. Date: {date.today()}.\n\n{format_table(rows)}\n")
     return stem.with_suffix(".csv"), stem.with_suffix(".md")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results CSV; [] when it does not exist yet."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@contextmanager
+def append_rows(path: Path, fields):
+    """Yields write(row), which appends one row to the CSV at `path` and flushes it, so a killed
+    benchmark keeps every finished row; the header goes in when the file is new or empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if f.tell() == 0:
+            writer.writeheader()
+
+        def write(row):
+            writer.writerow(row)
+            f.flush()
+
+        yield write

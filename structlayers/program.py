@@ -4,10 +4,11 @@ The activation is a tensor (T, *modes) with T tokens and named modes. A `Step` c
 core: the modes shared by the activation and the core but not the output are summed (the core's
 fan-in), the core's modes that appear only in the output are produced (its fan-out), and modes in
 all three are block (batch) dims of a batched matmul. Everything else about a layer follows from
-its steps: forward, `to_dense` (the program run on the identity), FLOPs, and muP fans.
+its steps: forward, `to_dense` (the cores contracted as one network), FLOPs, and muP fans.
 
-`contract` is the single choke point where an activation meets a core; the precision policies and
-the kernel backends hook in there and nowhere else.
+`contract` is the single choke point where an activation meets a core; the precision policies
+hook in there. A program that a fused kernel computes whole (2-core Monarch/BTT) skips the steps
+altogether when the backend picks the kernel (`fused_forward`).
 """
 
 import importlib.util
@@ -56,8 +57,8 @@ def _triton_installed() -> bool:
 
 
 def fused_forward(program, x: torch.Tensor, policy=None):
-    """The fused kernel's forward (x, cores, out_features) -> y for this program under the current
-    backend, or None where the torch path runs (see `backend`)."""
+    """The fused kernel's forward (x, cores, out_features, bias) -> y for this program under the
+    current backend, or None where the torch path runs (see `backend`)."""
     if _backend == "torch" or policy is not None:
         return None
     if _backend == "auto" and not (x.is_cuda and _triton_installed()):
