@@ -8,7 +8,11 @@ the other variables fixed and moves to the best:
     the permutation:  the current one and every single transposition
 Early sweeps use radius L = `radius` and fit only the window's ends and centre, interpolating the
 objective in between (an interpolated winner is fitted before it is taken); once a sweep stops
-improving, radius 1 with every candidate fitted. When a radius-1 sweep finds nothing, one joint
+improving, radius 1 with every candidate fitted. Two additions to the paper save evaluations on
+the permutation: the transpositions that improve are composed, best first, while each composition
+still improves (one fit each; a hidden permutation needs several disjoint swaps, and one
+enumeration already ranks them), and after a fruitless enumeration the next one waits until the
+ranks stop moving. When a radius-1 sweep finds nothing, one joint
 move is tried as well (an addition to the paper): a bond one rank lower together with a
 transposition that moves a mode onto or off one of that bond's cores; a local optimum with a rank
 too high often needs exactly that. When that stalls too, the search restarts from a random
@@ -44,16 +48,18 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
         best = evaluate([(ranks, perm)])[0].objective
         anchor = (best, ranks, perm)  # the best centre so far: (objective, ranks, perm)
         for attempt in range(restarts + 1):
+            perm_productive = True  # did the last permutation enumeration move?
             for sweep_radius, interpolate in ((radius, radius > 1), (1, False)):
                 while True:
                     improved = False
                     for var in [*range(bonds), "perm", *reversed(range(bonds))]:
                         if var == "perm":
-                            if not permute:
+                            # an enumeration costs ~N^2/2 fits: after a fruitless one, wait until
+                            # the ranks stop moving (a sweep's first half finds nothing)
+                            if not permute or (improved and not perm_productive):
                                 continue
-                            candidates = [(ranks, perm)] + [(ranks, _swap(perm, i, j))
-                                                            for i in range(n) for j in range(i + 1, n)]
-                            scores = [e.objective for e in evaluate(candidates)]
+                            candidates, scores = _transpositions(evaluate, ranks, perm)
+                            perm_productive = min(scores) < best - 1e-12
                         else:
                             candidates, scores = _rank_window(evaluate, ranks, perm, var, sweep_radius,
                                                               max_rank, interpolate)
@@ -102,6 +108,32 @@ def _rank_window(evaluate, ranks, perm, k, radius, max_rank, interpolate):
     choice = int(np.argmin(scores))
     if choice not in known:  # never move on an interpolated value
         scores[choice] = evaluate([candidates[choice]])[0].objective
+    return candidates, scores
+
+
+def _transpositions(evaluate, ranks, perm):
+    """The current perm and every single transposition, then compound moves: the improving
+    transpositions, best first, composed one at a time while each composition still improves
+    (one fit each). A hidden permutation typically needs several disjoint transpositions, and
+    one enumeration already ranks them all, so this saves a full enumeration per extra swap."""
+    n = len(perm)
+    swaps = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    candidates = [(ranks, perm)] + [(ranks, _swap(perm, i, j)) for i, j in swaps]
+    scores = [e.objective for e in evaluate(candidates)]
+    improving = sorted((s, k) for k, s in enumerate(scores[1:]) if s < scores[0] - 1e-12)
+    if len(improving) < 2:
+        return candidates, scores
+    best_score, first = improving[0]
+    composed, used = candidates[first + 1][1], set(swaps[first])
+    for _, k in improving[1:]:
+        if used & set(swaps[k]):
+            continue  # compose disjoint transpositions only: each keeps its own meaning
+        trial = _swap(composed, *swaps[k])
+        score = evaluate([(ranks, trial)])[0].objective
+        if score < best_score - 1e-12:
+            best_score, composed, used = score, trial, used | set(swaps[k])
+    candidates.append((ranks, composed))
+    scores.append(best_score)
     return candidates, scores
 
 
