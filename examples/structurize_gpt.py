@@ -2,42 +2,22 @@
 
     python examples/structurize_gpt.py --spec btt:rank=2 --steps 200
 
-The text is the source of a few standard-library modules, so nothing is downloaded. The script
+The text is the Python standard library's own source (or --corpus FILE), so nothing is downloaded. The script
 prints the structurize report and the validation loss of the dense model, of the structured model
 right after projection, and after fine-tuning it next to the dense model trained as long.
 """
 
 import argparse
 import copy
-import inspect
-import json
-import os
-import sys
-import textwrap
 import time
 
 import torch
 
-# the repo root, so that this runs without installing the package (gpt.py sits next to us)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gpt import GPT, GPTConfig  # noqa: E402
-
-import structlayers as sl  # noqa: E402
+import structlayers as sl
+from structlayers.data import text_corpus
+from structlayers.gpt import GPT, GPTConfig
 
 LAYERS = r"(mlp\.(fc|proj)|attn\.(q|k|v|proj))$"  # every block projection, not lm_head
-
-
-def load_text() -> str:
-    return "".join(inspect.getsource(module) for module in (json, textwrap, argparse))
-
-
-def get_batch(data, batch_size, block_size, generator):
-    """data: (N,) token ids -> x, y: (batch_size, block_size), y shifted by one."""
-    start = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[s: s + block_size] for s in start])
-    y = torch.stack([data[s + 1: s + 1 + block_size] for s in start])
-    return x, y
 
 
 @torch.no_grad()
@@ -48,10 +28,10 @@ def evaluate(model, batches) -> float:
     return loss
 
 
-def train(model, data, args, steps, generator):
+def train(model, corpus, args, steps, generator):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     for step in range(steps):
-        x, y = get_batch(data, args.batch_size, args.block_size, generator)
+        x, y = corpus.batch("train", args.batch_size, args.block_size, generator)
         _, loss = model(x.to(args.device), y.to(args.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,26 +52,23 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus", help="a text file (default: the Python standard library's source)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
-    text = load_text()
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
-    split = int(0.9 * len(data))
-    train_data, val_data = data[:split], data[split:]
-    val_batches = [tuple(t.to(args.device) for t in get_batch(val_data, args.batch_size,
-                                                              args.block_size, generator))
+    corpus = text_corpus(args.corpus, max_bytes=1_000_000)
+    val_batches = [tuple(t.to(args.device) for t in corpus.batch("val", args.batch_size,
+                                                                 args.block_size, generator))
                    for _ in range(8)]
-    print(f"{len(text):,} characters, vocabulary {len(chars)}")
+    print(corpus.source)
 
-    config = GPTConfig(vocab_size=len(chars), block_size=args.block_size, n_layer=args.n_layer,
+    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                        n_head=4, n_embd=args.n_embd)
     model = GPT(config).to(args.device)
     start = time.time()
     print(f"training the dense model ({args.steps} steps)")
-    train(model, train_data, args, args.steps, generator)
+    train(model, corpus, args, args.steps, generator)
     dense_loss = evaluate(model, val_batches)
     dense = copy.deepcopy(model)  # the baseline: keep training it as long as the structured one
 
@@ -99,10 +76,10 @@ def main():
     print(report)
     projected_loss = evaluate(model, val_batches)
     print(f"fine-tuning the structured model ({args.finetune_steps} steps)")
-    train(model, train_data, args, args.finetune_steps, generator)
+    train(model, corpus, args, args.finetune_steps, generator)
     finetuned_loss = evaluate(model, val_batches)
     print(f"the dense baseline, trained for the same {args.finetune_steps} more steps")
-    train(dense, train_data, args, args.finetune_steps, generator)
+    train(dense, corpus, args, args.finetune_steps, generator)
 
     print(f"validation loss after {args.steps} steps: dense {dense_loss:.3f}, {args.spec} "
           f"projected {projected_loss:.3f}")

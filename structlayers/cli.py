@@ -1,4 +1,4 @@
-"""The `structlayers` command line: `structlayers bench`, `show`, `search`."""
+"""The `structlayers` command line: `structlayers bench [layers|compute|lr|all]`, `show`, `search`."""
 
 import argparse
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 from .bench import DEFAULT_SPECS, format_table, machine, run_bench, write_results
 from .sizes import check_size
 from .spec import build
+from .training import STRUCTURES
 
 
 def _positive(text: str) -> int:
@@ -17,6 +18,10 @@ def _positive(text: str) -> int:
 
 
 def _bench(args):
+    if args.suite != "layers":
+        return _efficiency(args)
+    if args.quick:
+        args.d, args.hidden, args.tokens = 256, 1024, 512
     specs = args.specs or list(DEFAULT_SPECS)
     for spec in specs:  # bad specs fail here, before anything is timed
         build(spec, args.d, args.hidden)
@@ -26,6 +31,38 @@ def _bench(args):
     if args.out:
         for path in write_results(rows, Path(args.out), title):
             print(f"wrote {path}")
+    if args.suite == "all":
+        _efficiency(args)
+
+
+def _efficiency(args):
+    """compute / lr / all: the compute-efficiency suites (structlayers/efficiency_suite.py)."""
+    from dataclasses import replace
+
+    from .efficiency_suite import FULL, QUICK, check_lr, make_task, run_compute, run_lr
+    from .training import check_sweep
+
+    out = Path(args.out or "structlayers-bench")
+    plans = []
+    for name in args.task:  # settings and checks for every task before any data or training
+        settings = (QUICK if args.quick else FULL)[name]
+        overrides = {k: v for k, v in (("structures", args.structures), ("widths", args.widths),
+                                       ("lr_widths", args.widths), ("steps", args.steps),
+                                       ("lr_steps", args.steps), ("seeds", args.seeds)) if v}
+        plans.append((name, replace(settings, **{k: tuple(v) if isinstance(v, list) else v
+                                                 for k, v in overrides.items()})))
+    if args.lr not in ("task", "tuned"):
+        check_lr(args.lr)
+    if args.corpus and not Path(args.corpus).is_file():
+        raise ValueError(f"--corpus {args.corpus!r} is not a file")
+    for name, settings in plans:
+        task = make_task(name, args.quick, args.corpus)
+        check_sweep(task, settings.structures, settings.widths + settings.lr_widths)
+        if args.suite in ("lr", "all"):
+            print("\n".join(run_lr(task, settings, out, progress=not args.quiet)))
+        if args.suite in ("compute", "all"):
+            print("\n".join(run_compute(task, settings, out, args.lr, progress=not args.quiet)))
+    print(f"results in {out}/")
 
 
 def _show(args):
@@ -87,7 +124,13 @@ def make_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser(
-        "bench", help="compare every structure against dense (params, FLOPs, time, projection)")
+        "bench", help="compare every structure against dense: layers (params, FLOPs, time, "
+                      "projection), compute (loss vs training FLOPs), lr (muP LR transfer)",
+        description="layers (default): every structure vs dense at one size. compute: train every "
+                    "structure at several widths (muP) and compare validation loss per training FLOP. "
+                    "lr: LR sweeps at 3 widths, muP vs standard parameterization. all: the three. "
+                    "compute/lr resume from their CSVs in --out.")
+    bench.add_argument("suite", nargs="?", default="layers", choices=["layers", "compute", "lr", "all"])
     bench.add_argument("--d", type=_positive, default=1024, help="model width (default 1024)")
     bench.add_argument("--hidden", type=_positive, default=4096, help="hidden width (default 4096)")
     bench.add_argument("--tokens", type=_positive, default=2048, help="rows per batch (2048)")
@@ -96,8 +139,23 @@ def make_parser() -> argparse.ArgumentParser:
                             f"(default: {' '.join(DEFAULT_SPECS)})")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed runs (median)")
     bench.add_argument("--quick", action="store_true",
-                       help="small sizes (256 -> 1024, 512 tokens) for a fast smoke run")
-    bench.add_argument("--out", metavar="DIR", help="also write layers.csv and layers.md here")
+                       help="small sizes (layers: 256 -> 1024, 512 tokens; compute/lr: few "
+                            "structures, widths and steps) for a fast smoke run")
+    bench.add_argument("--out", metavar="DIR",
+                       help="layers: also write layers.csv and layers.md here; compute/lr: results "
+                            "directory (default structlayers-bench/)")
+    bench.add_argument("--task", nargs="+", choices=["mlp", "gpt"], default=["mlp", "gpt"],
+                       help="compute/lr: mnist1d MLP and/or char-level GPT (default both)")
+    bench.add_argument("--structures", nargs="+", metavar="NAME",
+                       help=f"compute/lr: structure names ({' '.join(STRUCTURES)})")
+    bench.add_argument("--widths", nargs="+", type=_positive, help="compute/lr: hidden widths")
+    bench.add_argument("--steps", type=_positive, help="compute/lr: training steps per run")
+    bench.add_argument("--seeds", type=_positive, help="compute: seeds per (structure, width)")
+    bench.add_argument("--lr", default="task",
+                       help='compute: base muP LR, "task" (its default) or "tuned" (best muP LR of '
+                            "each structure from the lr suite's results in --out)")
+    bench.add_argument("--corpus", metavar="FILE",
+                       help="gpt: a text file (default: the Python standard library's source)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
 
@@ -129,8 +187,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
-    if getattr(args, "quick", False):
-        args.d, args.hidden, args.tokens = 256, 1024, 512
     try:
         args.run(args)
     except (ValueError, TypeError) as error:

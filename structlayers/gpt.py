@@ -1,4 +1,5 @@
-"""A small GPT in the style of nanoGPT, written so that `sl.structurize` can swap its layers.
+"""A small GPT in the style of nanoGPT, written so that `sl.structurize` can swap its layers
+(used by examples/structurize_gpt.py and the compute-efficiency benchmark).
 
 Every projection is its own nn.Linear with a readable name: attn.q, attn.k, attn.v, attn.proj,
 mlp.fc and mlp.proj in each block, and lm_head (tied to the token embedding, as in nanoGPT).

@@ -13,10 +13,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import structlayers as sl
+from structlayers.gpt import GPT, GPTConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-from gpt import GPT, GPTConfig  # noqa: E402
 
 BLOCK_LINEARS = r"(mlp\.(fc|proj)|attn\.(q|k|v|proj))$"
 VOCAB = 20

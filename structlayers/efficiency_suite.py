@@ -1,0 +1,121 @@
+"""`structlayers bench compute|lr`: the compute-efficiency suites with their default settings.
+
+Files under `out` (every suite resumes from its CSV):
+    efficiency_{task}_compute.{csv,md,png}   loss vs training FLOPs, compute-to-dense ratios,
+                                             wall-clock per step
+    efficiency_{task}_lr.{csv,md,png}        muP vs SP learning-rate transfer
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .efficiency import compute_jobs, load_runs, lr_jobs, sweep, tuned_lrs
+from .efficiency_report import (
+    compute_table,
+    header,
+    lr_table,
+    plot_compute,
+    plot_lr,
+    wall_clock_table,
+    write_markdown,
+)
+from .training import STRUCTURES, TASKS, GPTTask, MLPTask, check_sweep
+
+LR_GRID = tuple(2.0 ** -k for k in range(12, 4, -1))  # 2.4e-4 .. 3.1e-2, factor 2
+
+
+@dataclass
+class Settings:
+    structures: tuple
+    widths: tuple  # compute sweep
+    steps: int
+    lr_widths: tuple  # LR sweep: 3+ widths over a 4x range
+    lr_steps: int
+    lrs: tuple = LR_GRID
+    seeds: int = 1
+
+
+FULL = {
+    "mlp": Settings(tuple(STRUCTURES), (64, 128, 256, 512, 1024), 2000, (128, 256, 512), 400),
+    "gpt": Settings(("dense", "lowrank", "monarch", "btt2", "tt"), (64, 128, 256), 600, (64, 128, 256), 150,
+                    lrs=tuple(2.0 ** -k for k in range(11, 5, -1))),
+}
+QUICK = {
+    "mlp": Settings(("dense", "lowrank", "btt1", "btt2"), (64, 128, 256), 150, (64, 128, 256), 60,
+                    lrs=(2.0 ** -10, 2.0 ** -8, 2.0 ** -6)),
+    "gpt": Settings(("dense", "btt1"), (32, 64), 20, (32, 64, 128), 8, lrs=(2.0 ** -9, 2.0 ** -6)),
+}
+
+
+def check_lr(lr) -> float:
+    """A base LR from the command line: a positive number ("task" and "tuned" are handled apart)."""
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f'lr must be a positive number, "task" or "tuned", got {lr!r}')
+    return value
+
+
+def make_task(name: str, quick: bool = False, corpus=None):
+    """The task `name` ("mlp" or "gpt") at full or quick size; raises before any data is made
+    for an unknown name or a missing corpus file."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid: {list(TASKS)}")
+    if name == "mlp":
+        return MLPTask(samples=4000 if quick else 60000)  # 48000 train: no overfitting in 2000 steps
+    if quick:
+        return GPTTask(corpus, max_bytes=300_000, batch_size=16, val_batches=4)
+    return GPTTask(corpus)
+
+
+def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool = True) -> list[str]:
+    """Every structure at every width with muP; lr: a number, "task" (the task's default) or
+    "tuned" (each structure's best muP LR from this task's LR sweep in `out`)."""
+    out = Path(out)
+    check_sweep(task, settings.structures, settings.widths)
+    if lr == "tuned":
+        found = tuned_lrs(load_runs(out / f"efficiency_{task.name}_lr.csv"))
+        missing = [s for s in settings.structures if s not in found]
+        if missing:
+            raise ValueError(f"lr='tuned' needs an LR sweep of {missing} in {out} "
+                             f"(run `structlayers bench lr --task {task.name}` first)")
+        rates = {s: found[s] for s in settings.structures}
+    else:
+        rate = task.lr if lr == "task" else check_lr(lr)
+        rates = dict.fromkeys(settings.structures, rate)
+    jobs = [job for s in settings.structures
+            for job in compute_jobs([s], settings.widths, rates[s], settings.steps, settings.seeds)]
+    stem = out / f"efficiency_{task.name}_compute"
+    runs = sweep(task, jobs, stem.with_suffix(".csv"), progress)
+    title = f"Loss vs training compute, {task.name} (muP)"
+    lrs = ", ".join(f"{s} {rates[s]:.3g}" for s in settings.structures)
+    lines = [*header(title, task.source),
+             f"{settings.steps} Adam steps per run, widths {', '.join(map(str, settings.widths))}, "
+             f"base LRs (muP, base width {task.base_width}): {lrs}. FLOPs: forward+backward of the "
+             "whole model per step (torch FlopCounterMode) x steps.", "", *compute_table(runs), "",
+             "## Wall-clock per training step (CPU)", "", *wall_clock_table(runs), "",
+             f"![loss vs compute]({stem.name}.png)"]
+    write_markdown(stem.with_suffix(".md"), lines)
+    plot_compute(runs, stem.with_suffix(".png"), title)
+    return lines
+
+
+def run_lr(task, settings: Settings, out: Path, progress: bool = True) -> list[str]:
+    """LR grid x widths x structures, muP and SP; best LR per width and its drift."""
+    out = Path(out)
+    check_sweep(task, settings.structures, settings.lr_widths)
+    stem = out / f"efficiency_{task.name}_lr"
+    jobs = lr_jobs(settings.structures, settings.lr_widths, settings.lrs, settings.lr_steps)
+    runs = sweep(task, jobs, stem.with_suffix(".csv"), progress, points=2)  # only the end counts
+    title = f"Learning-rate transfer across widths, {task.name}"
+    lines = [*header(title, task.source),
+             f"{settings.lr_steps} Adam steps per run; loss = smoothed training loss at the end; LR grid "
+             f"{', '.join(f'{lr:.3g}' for lr in settings.lrs)} (factor 2). muP: per-core LRs from "
+             f"`sl.mup.param_groups` (base width {task.base_width}) and muP init; SP: one LR for every "
+             "parameter and 1/sqrt(fan_in) init.", "", *lr_table(runs), "",
+             f"![LR transfer]({stem.name}.png)"]
+    write_markdown(stem.with_suffix(".md"), lines)
+    plot_lr(runs, stem.with_suffix(".png"), title)
+    return lines
