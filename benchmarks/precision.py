@@ -28,26 +28,13 @@ from tqdm import tqdm
 
 import structlayers as sl
 from structlayers.bench import append_rows, machine, read_rows
+from structlayers.data import mnist1d
 
 RESULTS = Path(__file__).parent / "results"
 STRUCTURES = ("dense", "monarch", "btt:rank=2", "tt:rank=4")
 MODES = {"fp32": None, "fp8": {}, "fp8-delayed": {"scaling": "delayed"}, "fp8-naive": {"scaling": "none"}}
 FIELDS = ["structure", "mode", "seed", "width", "steps", "train_loss", "test_loss", "test_acc"]
 # train_loss / test_loss: cross-entropy over the whole split after training, in the run's precision
-
-
-def load_mnist1d(seed: int = 0, samples: int = 20000):
-    """(x_train, y_train, x_test, y_test) tensors (80/20 split); features standardised on the
-    train split."""
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.seed, args.num_samples = seed, samples
-    data = make_dataset(args)
-    x, x_test = (torch.tensor(data[k], dtype=torch.float32) for k in ("x", "x_test"))
-    mean, std = x.mean(0), x.std(0)
-    return ((x - mean) / std, torch.tensor(data["y"]), (x_test - mean) / std,
-            torch.tensor(data["y_test"]))
 
 
 def make_model(structure: str, width: int) -> nn.Module:
@@ -118,7 +105,7 @@ def main():
         args.structures, args.steps, args.seeds = ["dense", "btt:rank=2"], 200, 1
     for structure in args.structures:  # bad names fail before any training
         sl.build(structure, args.width, args.width)
-    data = load_mnist1d()
+    data = mnist1d(samples=20000)
     csv_path = args.out / "precision.csv"
     done = {(r["structure"], r["mode"], r["seed"], r["width"], r["steps"]) for r in read_rows(csv_path)}
     jobs = [(s, m, seed) for s in args.structures for m in args.modes for seed in range(args.seeds)]

@@ -298,3 +298,11 @@ def test_cli_compute_quick_writes_results_and_resumes(tmp_path):
     assert "compute saved vs dense" in (out / "efficiency_mlp_compute.md").read_text()
     assert _cli(*args, cwd=tmp_path).returncode == 0
     assert len(list(csv.DictReader((out / "efficiency_mlp_compute.csv").open()))) == len(rows)
+
+
+def test_cli_bench_help_lists_the_suites():
+    result = subprocess.run([sys.executable, "-m", "structlayers.cli", "bench", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for word in ("layers", "compute", "lr", "--task", "--corpus", "--widths", "tuned"):
+        assert word in result.stdout

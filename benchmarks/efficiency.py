@@ -1,0 +1,41 @@
+"""Compute efficiency of every structure against dense, on CPU (the full suite; about an hour).
+
+    python benchmarks/efficiency.py                  # mlp and gpt: LR sweeps, then loss vs compute
+    python benchmarks/efficiency.py --task mlp       # one task
+    python benchmarks/efficiency.py --quick          # the `structlayers bench all --quick` settings
+
+For each task it first sweeps the learning rate (muP and standard parameterization, 3 widths over
+a 4x range), then trains every structure at every width with muP at the LR it tuned at the
+narrowest sweep width ("tuned": the muP LR transferred, as a user would), and writes
+efficiency_{task}_{lr,compute}.{csv,md,png} under benchmarks/results/. Every run is appended to
+the CSV as it ends; a rerun skips the runs there (kill it any time). Settings: FULL and QUICK in
+structlayers/efficiency_suite.py.
+"""
+
+import argparse
+from pathlib import Path
+
+from structlayers.efficiency_suite import FULL, QUICK, make_task, run_compute, run_lr
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", nargs="+", choices=["mlp", "gpt"], default=["mlp", "gpt"])
+    parser.add_argument("--suite", nargs="+", choices=["lr", "compute"], default=["lr", "compute"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--corpus", help="gpt: a text file (default: the standard library's source)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    for name in args.task:
+        settings = (QUICK if args.quick else FULL)[name]
+        task = make_task(name, args.quick, args.corpus)
+        if "lr" in args.suite:
+            print("\n".join(run_lr(task, settings, args.out)))
+        if "compute" in args.suite:
+            print("\n".join(run_compute(task, settings, args.out, lr="tuned")))
+
+
+if __name__ == "__main__":
+    main()
