@@ -362,3 +362,24 @@ def test_adam_fallback_fits_and_takes_over_when_als_breaks_down(monkeypatch):
     monkeypatch.setattr(fit_module, "_als", broken_als)  # simulate a numerical breakdown
     rescued = fit_als(target, truth)
     assert rescued.rse < 1e-6 and len(rescued.cores) == 3
+
+
+def test_tnale_composes_disjoint_improving_transpositions():
+    """With a hidden permutation two disjoint swaps away, one enumeration of the transpositions
+    ranks both as improving, and composing them reaches the truth with one extra fit."""
+    from types import SimpleNamespace
+
+    from structlayers.search.tnale import _transpositions
+
+    truth = [1, 0, 2, 4, 3, 5]
+    fitted = []
+
+    def evaluate(candidates):
+        fitted.extend(candidates)
+        return [SimpleNamespace(objective=sum(a != b for a, b in zip(perm, truth, strict=True)))
+                for _, perm in candidates]
+
+    candidates, scores = _transpositions(evaluate, [2] * 6, list(range(6)))
+    best = candidates[int(np.argmin(scores))][1]
+    assert best == truth and min(scores) == 0
+    assert len(fitted) == 1 + 15 + 1  # current, every transposition, one composition
