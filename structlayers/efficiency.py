@@ -8,7 +8,7 @@ so a killed sweep resumes where it stopped. The summaries read those CSVs:
     compute_ratios     "compute needed to reach dense's final loss", dense / structure
     power_law          loss ~ a * FLOPs^-b fitted to each structure's compute frontier
     best_lrs           best LR per (structure, parameterization, width) and its drift in grid steps
-    tuned_lrs          each structure's best muP LR at the sweep's narrowest width, to transfer
+    tuned_lrs          each structure's best muP LR at the base width, to transfer
     wall_clock         step time per structure and width next to its FLOP ratio to dense
 """
 
@@ -162,8 +162,9 @@ def final_loss(run: Run) -> float:
 
 
 def best_lrs(runs: list[Run]) -> list[dict]:
-    """Per (structure, parameterization): the best LR at each width and how far it moves across
-    widths, in factor-of-2 grid steps (log2 of max best LR / min best LR)."""
+    """Per (structure, parameterization): the best LR at each width and how far it moves, in
+    factor-of-2 grid steps (|log2| of a ratio of best LRs): over any two widths at most 4x apart
+    ("drift_4x"; "transfers" if it is at most one step) and over all widths ("drift_steps")."""
     groups = defaultdict(lambda: defaultdict(list))
     for run in runs:
         groups[(run.structure, run.parameterization)][run.width].append(run)
@@ -171,17 +172,16 @@ def best_lrs(runs: list[Run]) -> list[dict]:
     for (structure, parameterization), widths in groups.items():
         best = {w: min(rs, key=final_loss).lr for w, rs in sorted(widths.items())}
         drift = math.log2(max(best.values()) / min(best.values()))
+        drift_4x = max(abs(math.log2(best[a] / best[b])) for a in best for b in best if a <= b <= 4 * a)
         rows.append({"structure": structure, "parameterization": parameterization, "best_lr": best,
-                     "drift_steps": drift, "transfers": drift <= 1 + 1e-9})
+                     "drift_steps": drift, "drift_4x": drift_4x, "transfers": drift_4x <= 1 + 1e-9})
     return rows
 
 
-def tuned_lrs(runs: list[Run]) -> dict[str, float]:
-    """{structure: best muP LR at the narrowest width of an LR sweep}: the LR to transfer."""
-    best = {}
-    for row in best_lrs([r for r in runs if r.parameterization == "mup"]):
-        best[row["structure"]] = row["best_lr"][min(row["best_lr"])]
-    return best
+def tuned_lrs(runs: list[Run], width: int) -> dict[str, float]:
+    """{structure: best muP LR at `width` (the muP base width) in an LR sweep}: the LR to transfer."""
+    return {row["structure"]: row["best_lr"][width]
+            for row in best_lrs([r for r in runs if r.parameterization == "mup"]) if width in row["best_lr"]}
 
 
 def wall_clock(runs: list[Run], reference: str = "dense") -> list[dict]:

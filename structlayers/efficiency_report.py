@@ -38,20 +38,24 @@ def lr_table(runs: list[Run]) -> list[str]:
     """Markdown: best LR per width and its drift in factor-2 grid steps, muP next to SP."""
     rows = sorted(best_lrs(runs), key=lambda r: (r["structure"], r["parameterization"]))
     widths = sorted({w for r in rows for w in r["best_lr"]})
+    span = f"{widths[-1] // widths[0]}x" if widths else ""
     lines = ["| structure | parameterization | " + " | ".join(f"best LR at w={w}" for w in widths)
-             + " | drift (grid steps) | within one step |", "|---|---|" + "---|" * (len(widths) + 2)]
+             + f" | drift within 4x of width | drift over all widths ({span}) | within one step (4x) |",
+             "|---|---|" + "---|" * (len(widths) + 3)]
     for r in rows:
         lrs = " | ".join(f"{r['best_lr'][w]:.3g}" if w in r["best_lr"] else "-" for w in widths)
-        lines.append(f"| {r['structure']} | {r['parameterization']} | {lrs} | {r['drift_steps']:.0f} "
-                     f"| {'yes' if r['transfers'] else 'no'} |")
+        lines.append(f"| {r['structure']} | {r['parameterization']} | {lrs} | {r['drift_4x']:.0f} "
+                     f"| {r['drift_steps']:.0f} | {'yes' if r['transfers'] else 'no'} |")
     return lines
 
 
 def wall_clock_table(runs: list[Run]) -> list[str]:
     lines = ["| structure | width | step ms | time / dense | FLOPs / dense |", "|---|---|---|---|---|"]
     for r in wall_clock(runs):
-        lines.append(f"| {r['structure']} | {r['width']} | {r['step_ms']:.1f} | {r['time_vs_dense']:.2f} "
-                     f"| {r['flops_vs_dense']:.3f} |")
+        time_ratio, flop_ratio = (f"{r[k]:{spec}}" if math.isfinite(r[k]) else "- (no dense)"
+                                  for k, spec in (("time_vs_dense", ".2f"), ("flops_vs_dense", ".3f")))
+        lines.append(f"| {r['structure']} | {r['width']} | {r['step_ms']:.1f} | {time_ratio} "
+                     f"| {flop_ratio} |")
     return lines
 
 

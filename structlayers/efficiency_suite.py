@@ -6,7 +6,7 @@ Files under `out` (every suite resumes from its CSV):
     efficiency_{task}_lr.{csv,md,png}        muP vs SP learning-rate transfer
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .efficiency import compute_jobs, load_runs, lr_jobs, sweep, tuned_lrs
@@ -32,14 +32,20 @@ class Settings:
     lrs: tuple  # a factor-2 grid
     seeds: int = 1
     lr_structures: tuple | None = None  # LR sweep (None: the same as `structures`)
+    wide: dict = field(default_factory=dict)  # compute sweep: {structure: more widths} beyond `widths`
+
+    def compute_widths(self, structure: str) -> tuple:
+        return tuple(self.widths) + tuple(self.wide.get(structure, ()))
 
 
 FULL = {
-    "mlp": Settings(tuple(STRUCTURES), (64, 128, 256, 512, 1024), 2000, (128, 256, 512), 300,
-                    lrs=tuple(2.0 ** -k for k in range(11, 4, -1))),
+    # cheap structures also run wider, where their FLOPs per step meet dense's at 256..1024
+    "mlp": Settings(tuple(STRUCTURES), (64, 128, 256, 512, 1024), 2000, (64, 128, 256, 512, 1024), 300,
+                    lrs=tuple(2.0 ** -k for k in range(11, 4, -1)),
+                    wide={"btt1": (2048, 4096), "btt2": (2048, 4096), "lowrank": (2048,)}),
     # the GPT costs ~50x the MLP per step on a CPU: fewer structures, widths and LRs
     "gpt": Settings(("dense", "lowrank", "btt1", "btt2"), (64, 128, 256), 400, (64, 128, 256), 100,
-                    lrs=tuple(2.0 ** -k for k in range(10, 5, -1)), lr_structures=("dense", "btt2")),
+                    lrs=tuple(2.0 ** -k for k in range(10, 5, -1))),
 }
 QUICK = {
     "mlp": Settings(("dense", "lowrank", "btt1", "btt2"), (64, 128, 256), 150, (64, 128, 256), 60,
@@ -74,12 +80,13 @@ def make_task(name: str, quick: bool = False, corpus=None):
 
 def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool = True) -> list[str]:
     """Every structure at every width with muP; lr: a number, "task" (the task's default) or
-    "tuned" (each structure's best muP LR from this task's LR sweep in `out`; a structure the
-    sweep left out takes dense's, and the report says so)."""
+    "tuned" (each structure's best muP LR at the base width in this task's LR sweep in `out`; a
+    structure the sweep left out takes dense's, and the report says so)."""
     out = Path(out)
-    check_sweep(task, settings.structures, settings.widths)
+    for structure in settings.structures:
+        check_sweep(task, [structure], settings.compute_widths(structure))
     if lr == "tuned":
-        found = tuned_lrs(load_runs(out / f"efficiency_{task.name}_lr.csv"))
+        found = tuned_lrs(load_runs(out / f"efficiency_{task.name}_lr.csv"), task.base_width)
         missing = [s for s in settings.structures if s not in found]
         if missing and "dense" not in found:
             raise ValueError(f"lr='tuned' needs an LR sweep of {missing} (or of dense) in {out} "
@@ -90,14 +97,16 @@ def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool =
         rate = task.lr if lr == "task" else check_lr(lr)
         rates = dict.fromkeys(settings.structures, rate)
         origin = dict.fromkeys(settings.structures, "")
-    jobs = [job for s in settings.structures
-            for job in compute_jobs([s], settings.widths, rates[s], settings.steps, settings.seeds)]
+    jobs = [job for s in settings.structures for job in
+            compute_jobs([s], settings.compute_widths(s), rates[s], settings.steps, settings.seeds)]
     stem = out / f"efficiency_{task.name}_compute"
     runs = sweep(task, jobs, stem.with_suffix(".csv"), progress)
     title = f"Loss vs training compute, {task.name} (muP)"
     lrs = ", ".join(f"{s} {rates[s]:.3g}{origin[s]}" for s in settings.structures)
+    widths_text = ", ".join(map(str, settings.widths)) + "".join(
+        f" (+ {s} at {', '.join(map(str, w))})" for s, w in settings.wide.items())
     lines = [*header(title, task.source),
-             f"{settings.steps} Adam steps per run, widths {', '.join(map(str, settings.widths))}, "
+             f"{settings.steps} Adam steps per run, widths {widths_text}, "
              f"base LRs (muP, base width {task.base_width}): {lrs}. FLOPs: forward+backward of the "
              "whole model per step (torch FlopCounterMode) x steps.", "", *compute_table(runs), "",
              "## Wall-clock per training step (CPU)", "", *wall_clock_table(runs), "",

@@ -204,12 +204,15 @@ def test_best_lrs_drift_in_grid_steps():
                      parameterization=parameterization)
                 for w in best for lr in (2.0 ** -k for k in range(4, 12))]
 
-    runs = sweep_runs("mup", {64: 2 ** -7, 128: 2 ** -7, 256: 2 ** -8}) + \
-        sweep_runs("standard", {64: 2 ** -6, 128: 2 ** -8, 256: 2 ** -10})
+    runs = sweep_runs("mup", {64: 2 ** -7, 128: 2 ** -7, 256: 2 ** -8, 1024: 2 ** -9}) + \
+        sweep_runs("standard", {64: 2 ** -6, 128: 2 ** -8, 256: 2 ** -10, 1024: 2 ** -11})
     rows = {r["parameterization"]: r for r in best_lrs(runs)}
-    assert rows["mup"]["drift_steps"] == pytest.approx(1) and rows["mup"]["transfers"]
-    assert rows["standard"]["drift_steps"] == pytest.approx(4) and not rows["standard"]["transfers"]
-    assert tuned_lrs(runs) == {"btt1": 2 ** -7}
+    assert rows["mup"]["drift_4x"] == pytest.approx(1) and rows["mup"]["transfers"]
+    assert rows["mup"]["drift_steps"] == pytest.approx(2)
+    assert rows["standard"]["drift_4x"] == pytest.approx(4) and not rows["standard"]["transfers"]
+    assert rows["standard"]["drift_steps"] == pytest.approx(5)
+    assert tuned_lrs(runs, 128) == {"btt1": 2 ** -7}
+    assert tuned_lrs(runs, 512) == {}
 
 
 def test_wall_clock_ratios():
