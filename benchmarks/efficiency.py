@@ -15,6 +15,8 @@ structlayers/efficiency_suite.py.
 import argparse
 from pathlib import Path
 
+from structlayers.efficiency import load_runs
+from structlayers.efficiency_report import header, headline_table, write_markdown
 from structlayers.efficiency_suite import FULL, QUICK, make_task, run_compute, run_lr
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,6 +37,19 @@ def main():
             print("\n".join(run_lr(task, settings, args.out)))
         if "compute" in args.suite:
             print("\n".join(run_compute(task, settings, args.out, lr="tuned")))
+    write_summary(args.out)
+
+
+def write_summary(out: Path):
+    """efficiency.md: the headline table of every task with results in `out`."""
+    lines = header("Compute efficiency of structured layers vs dense", "see each task's section")
+    for task in ("mlp", "gpt"):
+        compute, lr = (out / f"efficiency_{task}_{suite}.csv" for suite in ("compute", "lr"))
+        if compute.exists():
+            lines += [f"## {task}", "", *headline_table(load_runs(compute), load_runs(lr)), "",
+                      f"Details: efficiency_{task}_compute.md, efficiency_{task}_lr.md.", ""]
+    print("\n".join(lines))
+    write_markdown(out / "efficiency.md", lines)
 
 
 if __name__ == "__main__":

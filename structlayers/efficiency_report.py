@@ -14,7 +14,7 @@ def _flops(value: float) -> str:
 
 
 def _ratio(value: float) -> str:
-    return "< (not reached)" if value == 0 else f"{value:.2f}x"
+    return "not reached" if value == 0 else f"{value:.2f}x"
 
 
 def compute_table(runs: list[Run]) -> list[str]:
@@ -142,3 +142,24 @@ def plot_lr(runs: list[Run], path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def headline_table(compute_runs: list[Run], lr_runs: list[Run]) -> list[str]:
+    """Markdown, one row per structure: compute saved vs dense at dense's final loss, best loss,
+    the muP and SP best-LR drift within 4x of width, and step time vs dense at the widest width
+    both ran."""
+    ratios = {r["structure"]: r for r in compute_ratios(compute_runs)}
+    drifts = {(r["structure"], r["parameterization"]): r["drift_4x"] for r in best_lrs(lr_runs)}
+    clock = wall_clock(compute_runs)
+    lines = ["| structure | compute saved vs dense (at dense's final loss) | best val loss (width) "
+             "| muP best-LR drift, grid steps (4x width) | SP drift | step time / dense (width) |",
+             "|---|---|---|---|---|---|"]
+    for structure, r in sorted(ratios.items(), key=lambda kv: -kv[1]["ratio"]):
+        timed = [c for c in clock if c["structure"] == structure and math.isfinite(c["time_vs_dense"])]
+        widest = max(timed, key=lambda c: c["width"]) if timed else None
+        drift = [f"{drifts[(structure, p)]:.0f}" if (structure, p) in drifts else "-"
+                 for p in ("mup", "standard")]
+        lines.append(f"| {structure} | {_ratio(r['ratio'])} | {r['best_loss']:.3f} ({r['best_width']}) "
+                     f"| {drift[0]} | {drift[1]} | "
+                     + (f"{widest['time_vs_dense']:.2f} ({widest['width']}) |" if widest else "- |"))
+    return lines

@@ -12,6 +12,7 @@ forward+backward step, counted by torch's FlopCounterMode on the real step (atte
 times the steps taken. Optimizer arithmetic is not counted (it is linear in the parameters).
 """
 
+import functools
 import math
 import statistics
 import time
@@ -76,9 +77,14 @@ class MLPTask(Task):
     name, widths, lr_widths, base_width, lr = "mlp", (64, 128, 256, 512, 1024), (128, 256, 512), 128, 3e-3
 
     def __init__(self, samples: int = 60000, batch_size: int = 128):
-        self.x, self.y, self.x_val, self.y_val = mnist1d(samples)
-        self.batch_size = batch_size
-        self.source = f"mnist1d, {len(self.x)} train / {len(self.x_val)} validation samples"
+        self.samples, self.batch_size = samples, batch_size
+        train = int(0.8 * samples)
+        self.source = f"mnist1d, {train} train / {samples - train} validation samples"
+
+    @functools.cached_property
+    def data(self):
+        """(x, y, x_val, y_val), generated on first use (seconds), so bad sweeps fail fast."""
+        return mnist1d(self.samples)
 
     def layer_shapes(self, width):
         return [(width, width)] * 2
@@ -89,8 +95,9 @@ class MLPTask(Task):
                              build(spec, width, width), nn.GELU(), nn.Linear(width, 10))
 
     def batch(self, generator):
-        idx = torch.randint(0, len(self.x), (self.batch_size,), generator=generator)
-        return self.x[idx], self.y[idx]
+        x, y, _, _ = self.data
+        idx = torch.randint(0, len(x), (self.batch_size,), generator=generator)
+        return x[idx], y[idx]
 
     def loss(self, model, batch):
         x, y = batch
@@ -98,7 +105,8 @@ class MLPTask(Task):
 
     @torch.no_grad()
     def val_loss(self, model):
-        return F.cross_entropy(model(self.x_val), self.y_val).item()
+        _, _, x_val, y_val = self.data
+        return F.cross_entropy(model(x_val), y_val).item()
 
 
 class GPTTask(Task):

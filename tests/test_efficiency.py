@@ -66,7 +66,7 @@ def test_training_flops_are_three_forwards_less_the_input_gradient(mlp_task, str
     forward = sum(m.flops(batch) if hasattr(m, "flops") else 2 * batch * m.in_features * m.out_features
                   for m in linears)
     first = 2 * batch * 40 * width
-    x, y = mlp_task.x[:batch], mlp_task.y[:batch]
+    x, y = mlp_task.data[0][:batch], mlp_task.data[1][:batch]
     assert count_flops(mlp_task, model, (x, y)) == 3 * forward - first
     assert all(p.grad is None for p in model.parameters())
 
@@ -247,7 +247,8 @@ def test_a_huge_lr_loses_and_a_nan_run_is_recorded_as_infinite_loss(mlp_task, tm
 
     class NaNLoss(MLPTask):  # a task whose loss turns NaN, as a diverging run's does
         def __init__(self):
-            self.__dict__.update(mlp_task.__dict__)
+            super().__init__(mlp_task.samples)
+            self.data = mlp_task.data
 
         def loss(self, model, batch):
             return super().loss(model, batch) * math.nan
