@@ -3,6 +3,7 @@
     python benchmarks/efficiency.py                  # mlp and gpt: LR sweeps, then loss vs compute
     python benchmarks/efficiency.py --task mlp       # one task
     python benchmarks/efficiency.py --quick          # the `structlayers bench all --quick` settings
+    python benchmarks/efficiency.py --gpt-long       # dense vs BTT rank 2 GPTs, 1500 steps (~20 min)
 
 For each task it first sweeps the learning rate (muP and standard parameterization, 3 widths over
 a 4x range), then trains every structure at every width with muP at the LR it tuned at the
@@ -17,9 +18,12 @@ from pathlib import Path
 
 from structlayers.efficiency import load_runs
 from structlayers.efficiency_report import header, headline_table, write_markdown
-from structlayers.efficiency_suite import FULL, QUICK, make_task, run_compute, run_lr
+from structlayers.efficiency_suite import FULL, QUICK, Settings, make_task, run_compute, run_lr
 
 RESULTS = Path(__file__).parent / "results"
+# longer GPT training for the two contenders, BTT also one width wider (its step costs about what
+# dense's does one width narrower); LRs tuned by the main GPT sweep
+GPT_LONG = Settings(("dense", "btt2"), (128, 256), 1500, (), 0, (), wide={"btt2": (512,)})
 
 
 def main():
@@ -28,8 +32,13 @@ def main():
     parser.add_argument("--suite", nargs="+", choices=["lr", "compute"], default=["lr", "compute"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--corpus", help="gpt: a text file (default: the standard library's source)")
+    parser.add_argument("--gpt-long", action="store_true", help="only the longer GPT runs (GPT_LONG)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.gpt_long:
+        print("\n".join(run_compute(make_task("gpt"), GPT_LONG, args.out / "gpt_long", lr="tuned",
+                                    lr_dir=args.out)))
+        return
     for name in args.task:
         settings = (QUICK if args.quick else FULL)[name]
         task = make_task(name, args.quick, args.corpus)

@@ -78,15 +78,17 @@ def make_task(name: str, quick: bool = False, corpus=None):
     return GPTTask(corpus)
 
 
-def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool = True) -> list[str]:
+def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool = True,
+                lr_dir: Path | None = None) -> list[str]:
     """Every structure at every width with muP; lr: a number, "task" (the task's default) or
     "tuned" (each structure's best muP LR at the base width in this task's LR sweep in `out`; a
-    structure the sweep left out takes dense's, and the report says so)."""
+    structure the sweep left out takes dense's, and the report says so; the sweep's CSV is read
+    from `lr_dir`, default `out`)."""
     out = Path(out)
     for structure in settings.structures:
         check_sweep(task, [structure], settings.compute_widths(structure))
     if lr == "tuned":
-        found = tuned_lrs(load_runs(out / f"efficiency_{task.name}_lr.csv"), task.base_width)
+        found = tuned_lrs(load_runs(Path(lr_dir or out) / f"efficiency_{task.name}_lr.csv"), task.base_width)
         missing = [s for s in settings.structures if s not in found]
         if missing and "dense" not in found:
             raise ValueError(f"lr='tuned' needs an LR sweep of {missing} (or of dense) in {out} "
