@@ -120,6 +120,10 @@ def _all_fits(row, evaluations=None) -> int:
     return evaluations + steps * order * (order - 1) // 2
 
 
+def _with_objective(row, lam):
+    return row | {"objective": f"{1 / float(row['compression']) + lam * float(row['rse']):.4f}"}
+
+
 def _images(names, size=256):
     from skimage import data
     from skimage.transform import resize
@@ -157,7 +161,9 @@ def run_images(args):
              f"256 x 256 grayscale scikit-image samples reshaped to 4^8 tensors; searches with "
              f"lambda = {args.lam} and {budget} evaluations; TT-SVD/TR-SVD at eps = {args.eps}. "
              "RSE is squared.", "",
-             *_table(rows, ["image", "method", "rse", "compression", "evaluations", "seconds"])]
+             f"Objective = 1 / compression + {args.lam} x RSE (lower is better).", "",
+             *_table(sorted((_with_objective(r, args.lam) for r in rows), key=lambda r: r["image"]),
+                     ["image", "method", "objective", "rse", "compression", "evaluations", "seconds"])]
     _write_md(args.out / "search_images.md", lines)
     _plot(rows, "compression", "rse", "image", args.out / "search_images.png",
           "natural images as 4^8 tensors", log_x=True)
