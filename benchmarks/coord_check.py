@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import structlayers as sl
-from structlayers.bench import machine
+from structlayers.bench import machine, write_markdown
 
 RESULTS = Path(__file__).parent / "results"
 SPECS = ("dense", "lowrank:rank={w16}", "kronecker", "monarch", "btt:rank=1", "btt:rank=2",
@@ -73,7 +73,7 @@ def main():
             mup, sp = by_key[name, "mup", layer], by_key[name, "standard", layer]
             lines.append(f"| {name} | {layer} | {mup['init_spread']:.2f} | {mup['delta_spread']:.2f} "
                          f"| {sp['init_spread']:.2f} | {sp['delta_spread']:.2f} |")
-    (RESULTS / "coord_check.md").write_text("\n".join(lines) + "\n")
+    write_markdown(RESULTS / "coord_check.md", lines)
     plot(curves, args.widths, RESULTS / "coord_check.png")
     print("wrote", RESULTS / "coord_check.md")
 

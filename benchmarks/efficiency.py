@@ -16,8 +16,9 @@ structlayers/efficiency_suite.py.
 import argparse
 from pathlib import Path
 
+from structlayers.bench import write_markdown
 from structlayers.efficiency import load_runs
-from structlayers.efficiency_report import header, headline_table, write_markdown
+from structlayers.efficiency_report import header, headline_table
 from structlayers.efficiency_suite import FULL, QUICK, Settings, make_task, run_compute, run_lr
 
 RESULTS = Path(__file__).parent / "results"

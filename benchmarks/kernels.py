@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 import structlayers as sl
-from structlayers.bench import append_rows, read_rows
+from structlayers.bench import append_rows, read_rows, write_markdown
 
 RESULTS = Path(__file__).parent / "results"
 STRUCTURES = ("monarch", "btt:rank=1", "btt:rank=2", "btt:rank=4")
@@ -129,14 +129,14 @@ def run_timings(args):
                              "bandwidth_fraction": f"{roofline_ms / ms['fused_ms']:.2f}"})
             del layer, dense
             torch.cuda.empty_cache()
-    write_markdown(csv_path, args.out / "kernels.md", name, f"{peak / 1e12:.2f} TB/s ({peak_source})")
+    write_timings_md(csv_path, args.out / "kernels.md", name, f"{peak / 1e12:.2f} TB/s ({peak_source})")
 
 
 def x_size(dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def write_markdown(csv_path: Path, md_path: Path, device: str, peak: str):
+def write_timings_md(csv_path: Path, md_path: Path, device: str, peak: str):
     rows = [r for r in read_rows(csv_path) if r["device"] == device]
     lines = [f"# Fused Monarch/BTT kernels on {device}", "",
              f"{max(r['date'] for r in rows)}, torch {torch.__version__}, bf16, square d x d layers "
@@ -147,7 +147,7 @@ def write_markdown(csv_path: Path, md_path: Path, device: str, peak: str):
         lines.append(f"| {r['d']} | {r['tokens']} | {r['structure']} | {r['pass']} | {r['fused_ms']} "
                      f"| {r['torch_ms']} | {r['dense_ms']} | {r['speedup_vs_dense']}x "
                      f"| {r['speedup_vs_torch']}x | {r['x_roofline']} |")
-    md_path.write_text("\n".join(lines) + "\n")
+    write_markdown(md_path, lines)
     print("wrote", csv_path, "and", md_path)
 
 
@@ -194,7 +194,7 @@ def run_resources(args):
     if spilling:
         lines += ["", "Spilling builds:", ""] + [f"- {r['kernel']} {r['structure']} d={r['d']}: "
                                                   f"{r['config']} ({r['spill_bytes']} B)" for r in spilling]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_markdown(md_path, lines)
     print("\n".join(lines))
     print("wrote", csv_path, "and", md_path)
 

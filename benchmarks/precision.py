@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 import structlayers as sl
-from structlayers.bench import append_rows, machine, read_rows
+from structlayers.bench import append_rows, machine, read_rows, write_markdown
 from structlayers.data import mnist1d
 
 RESULTS = Path(__file__).parent / "results"
@@ -124,7 +124,7 @@ def main():
              f"Adam with muP per-core LRs, {args.steps} steps of 128 on 16000 samples, mean of "
              f"{args.seeds} seed(s). Losses: cross-entropy over the whole train / test split after "
              "training, evaluated in the run's own precision.", "", *summarize(rows)]
-    (args.out / "precision.md").write_text("\n".join(lines) + "\n")
+    write_markdown(args.out / "precision.md", lines)
     print("\n".join(lines))
     print("wrote", csv_path, args.out / "precision.md", args.out / "precision_scales.png")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from structlayers.bench import append_rows, machine, read_rows
+from structlayers.bench import append_rows, machine, read_rows, write_markdown
 from structlayers.search import Structure, greedy, tnale, tnls, tr_svd, tt_svd, tucker_error, tucker_ranks
 
 RESULTS = Path(__file__).parent / "results"
@@ -108,7 +108,7 @@ def run_synthetic(args):
                          f"| {statistics.median(int(r['evaluations']) for r in mine):.0f} "
                          f"| {statistics.median(_all_fits(r) for r in mine):.0f} "
                          f"| {statistics.median(float(r['seconds']) for r in mine):.1f} |")
-    _write_md(args.out / "search_synthetic.md", lines)
+    _report(args.out / "search_synthetic.md", lines)
 
 
 def _all_fits(row, evaluations=None) -> int:
@@ -164,7 +164,7 @@ def run_images(args):
              f"Objective = 1 / compression + {args.lam} x RSE (lower is better).", "",
              *_table(sorted((_with_objective(r, args.lam) for r in rows), key=lambda r: r["image"]),
                      ["image", "method", "objective", "rse", "compression", "evaluations", "seconds"])]
-    _write_md(args.out / "search_images.md", lines)
+    _report(args.out / "search_images.md", lines)
     _plot(rows, "compression", "rse", "image", args.out / "search_images.png",
           "natural images as 4^8 tensors", log_x=True)
 
@@ -203,7 +203,7 @@ def run_tucker(args):
              "Relative error of a Tucker fit (HOSVD + 5 HOOI sweeps) with the chosen ranks, and the "
              "time to choose them.", "",
              *_table(rows, ["tensor", "budget", "method", "ranks", "params", "error", "seconds"])]
-    _write_md(args.out / "search_tucker.md", lines)
+    _report(args.out / "search_tucker.md", lines)
     _plot(rows, "budget", "error", "method", args.out / "search_tucker.png",
           "Tucker core shapes: error vs parameter budget", log_x=True, split="tensor")
 
@@ -225,8 +225,8 @@ def _done(path: Path, keys) -> set:
     return {tuple(r[k] for k in keys) for r in read_rows(path)}
 
 
-def _write_md(path: Path, lines):
-    path.write_text("\n".join(lines) + "\n")
+def _report(path: Path, lines):
+    write_markdown(path, lines)
     print("\n".join(lines))
     print("wrote", path)
 

@@ -15,9 +15,7 @@ import torch
 
 import structlayers as sl
 from structlayers.data import text_corpus
-from structlayers.gpt import GPT, GPTConfig
-
-LAYERS = r"(mlp\.(fc|proj)|attn\.(q|k|v|proj))$"  # every block projection, not lm_head
+from structlayers.gpt import BLOCK_PROJECTIONS, GPT, GPTConfig
 
 
 @torch.no_grad()
@@ -72,7 +70,7 @@ def main():
     dense_loss = evaluate(model, val_batches)
     dense = copy.deepcopy(model)  # the baseline: keep training it as long as the structured one
 
-    report = sl.structurize(model, args.spec, include=LAYERS, project=True)
+    report = sl.structurize(model, args.spec, include=BLOCK_PROJECTIONS, project=True)
     print(report)
     projected_loss = evaluate(model, val_batches)
     print(f"fine-tuning the structured model ({args.finetune_steps} steps)")

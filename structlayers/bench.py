@@ -103,6 +103,14 @@ def write_results(rows: list[BenchRow], out_dir: Path, title: str) -> tuple[Path
     return stem.with_suffix(".csv"), stem.with_suffix(".md")
 
 
+def write_markdown(path: Path, lines: list[str]) -> Path:
+    """Write markdown lines to `path` (its folder made if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a results CSV; [] when it does not exist yet."""
     if not path.exists():

@@ -40,24 +40,29 @@ def _efficiency(args):
     from dataclasses import replace
 
     from .efficiency_suite import FULL, QUICK, check_lr, make_task, run_compute, run_lr
-    from .training import check_sweep
 
     out = Path(args.out or "structlayers-bench")
     plans = []
     for name in args.task:  # settings and checks for every task before any data or training
         settings = (QUICK if args.quick else FULL)[name]
-        overrides = {k: v for k, v in (("structures", args.structures), ("widths", args.widths),
-                                       ("lr_widths", args.widths), ("steps", args.steps),
-                                       ("lr_steps", args.steps), ("seeds", args.seeds)) if v}
-        plans.append((name, replace(settings, **{k: tuple(v) if isinstance(v, list) else v
-                                                 for k, v in overrides.items()})))
+        overrides = {}  # given structures/widths replace the defaults of both suites, extras too
+        if args.structures:
+            overrides |= {"structures": tuple(args.structures), "lr_structures": None}
+        if args.widths:
+            overrides |= {"widths": tuple(args.widths), "lr_widths": tuple(args.widths), "wide": {}}
+        if args.steps:
+            overrides |= {"steps": args.steps, "lr_steps": args.steps}
+        if args.seeds:
+            overrides["seeds"] = args.seeds
+        plans.append((name, replace(settings, **overrides)))
     if args.lr not in ("task", "tuned"):
         check_lr(args.lr)
     if args.corpus and not Path(args.corpus).is_file():
         raise ValueError(f"--corpus {args.corpus!r} is not a file")
-    for name, settings in plans:
-        task = make_task(name, args.quick, args.corpus)
-        check_sweep(task, settings.structures, settings.widths + settings.lr_widths)
+    tasks = [(make_task(name, args.quick, args.corpus), settings) for name, settings in plans]
+    for task, settings in tasks:  # every task's jobs are checked before any of them trains
+        settings.check(task)
+    for task, settings in tasks:
         if args.suite in ("lr", "all"):
             print("\n".join(run_lr(task, settings, out, progress=not args.quiet)))
         if args.suite in ("compute", "all"):

@@ -1,12 +1,13 @@
-"""Compute-efficiency suites: loss vs training FLOPs, muP learning-rate transfer, wall-clock.
+"""Compute-efficiency sweeps and their summaries: loss vs training FLOPs, LR transfer, wall-clock.
 
-    compute_sweep   every structure at several widths (muP, one LR): validation loss vs FLOPs
-    lr_sweep        every structure x LR grid x 3+ widths, muP and standard parameterization
-Both append each finished run to a CSV (one row per curve point) and skip the runs already there,
-so a killed sweep resumes where it stopped. The summaries read those CSVs:
+`sweep` trains a list of jobs (structure, width, lr, parameterization, steps, seed), appending each
+finished run to a CSV (one row per curve point) and skipping the runs already there, so a killed
+sweep resumes where it stopped (efficiency_suite.py builds the jobs of the compute and LR suites).
+The summaries read those runs:
     compute_to_reach   FLOPs at which a structure's runs first reach a loss (log-interpolated)
     compute_ratios     "compute needed to reach dense's final loss", dense / structure
-    power_law          loss ~ a * FLOPs^-b fitted to each structure's compute frontier
+    frontier           the (FLOPs, loss) points no cheaper point beats
+    power_law          loss ~ a * FLOPs^-b fitted to the final points of a structure's runs
     best_lrs           best LR per (structure, parameterization, width) and its drift in grid steps
     tuned_lrs          each structure's best muP LR at the base width, to transfer
     wall_clock         step time per structure and width next to its FLOP ratio to dense
@@ -52,43 +53,36 @@ def _run_key(run: Run) -> tuple:
     return _key(vars(run))
 
 
+def _job_key(task: Task, job) -> tuple:
+    return _key(dict(zip(_KEY, (task.name, *job), strict=True)))
+
+
 def sweep(task: Task, jobs, path: Path, progress: bool = True, points: int = 12) -> list[Run]:
     """Train every (structure, width, lr, parameterization, steps, seed) job not yet in the CSV at
     `path`, appending each run's curve (~`points` evaluations) when it finishes. Returns all runs
     of these jobs."""
     jobs = list(jobs)
-    check_sweep(task, sorted({j[0] for j in jobs}), sorted({j[1] for j in jobs}))
+    for structure, width in sorted({job[:2] for job in jobs}):  # each pair a job trains, nothing more
+        check_sweep(task, [structure], [width])
     path = Path(path)
     done = {_run_key(r) for r in load_runs(path)}
     with append_rows(path, FIELDS) as write:
-        for structure, width, lr, parameterization, steps, seed in tqdm(
-                jobs, desc=f"{task.name} runs", unit="run", disable=not progress):
-            key = _key({"task": task.name, "structure": structure, "width": width, "lr": lr,
-                        "parameterization": parameterization, "steps": steps, "seed": seed})
-            if key in done:
+        for job in tqdm(jobs, desc=f"{task.name} runs", unit="run", disable=not progress):
+            if _job_key(task, job) in done:
                 continue
+            structure, width, lr, parameterization, steps, seed = job
             try:
                 run = train_run(task, structure, width, lr, steps, parameterization, seed, points)
             except FloatingPointError:  # a diverged run (too high an LR) scores as infinite loss
-                run = Run(task.name, structure, width, lr, parameterization, steps, seed,
-                          curve=[(steps, 0, math.inf, math.inf)])
+                run = Run(task.name, *job, curve=[(steps, 0, math.inf, math.inf)])
             fixed = {k: v for k, v in vars(run).items() if k in FIELDS} | {"step_ms": f"{run.step_ms:.3f}"}
             for step, flops, train_loss, val_loss in run.curve:
                 write(fixed | {"step": step, "flops": flops, "train_loss": f"{train_loss:.5f}",
                                "val_loss": f"{val_loss:.5f}"})
-            done.add(key)
-    wanted = {_key({"task": task.name, "structure": s, "width": w, "lr": lr, "parameterization": p,
-                    "steps": n, "seed": seed}) for s, w, lr, p, n, seed in jobs}
+            done.add(_job_key(task, job))
+    # read back from the CSV, so a fresh run and a resumed one report the same rounded numbers
+    wanted = {_job_key(task, job) for job in jobs}
     return [r for r in load_runs(path) if _run_key(r) in wanted]
-
-
-def compute_jobs(structures, widths, lr: float, steps: int, seeds: int = 1):
-    return [(s, w, lr, "mup", steps, seed) for s in structures for w in widths for seed in range(seeds)]
-
-
-def lr_jobs(structures, widths, lrs, steps: int, parameterizations=("mup", "standard")):
-    return [(s, w, lr, p, steps, 0) for p in parameterizations for s in structures for w in widths
-            for lr in lrs]
 
 
 # --- summaries -------------------------------------------------------------------------------

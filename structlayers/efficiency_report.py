@@ -63,13 +63,6 @@ def header(title: str, source: str) -> list[str]:
     return [f"# {title}", "", f"{date.today().isoformat()}, {machine()}. Data: {source}.", ""]
 
 
-def write_markdown(path: Path, lines: list[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def _colors(names):
     import matplotlib.pyplot as plt
 

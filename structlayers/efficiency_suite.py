@@ -9,7 +9,8 @@ Files under `out` (every suite resumes from its CSV):
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .efficiency import compute_jobs, load_runs, lr_jobs, sweep, tuned_lrs
+from .bench import write_markdown
+from .efficiency import load_runs, sweep, tuned_lrs
 from .efficiency_report import (
     compute_table,
     header,
@@ -17,7 +18,6 @@ from .efficiency_report import (
     plot_compute,
     plot_lr,
     wall_clock_table,
-    write_markdown,
 )
 from .training import STRUCTURES, TASKS, GPTTask, MLPTask, check_sweep
 
@@ -34,8 +34,22 @@ class Settings:
     lr_structures: tuple | None = None  # LR sweep (None: the same as `structures`)
     wide: dict = field(default_factory=dict)  # compute sweep: {structure: more widths} beyond `widths`
 
-    def compute_widths(self, structure: str) -> tuple:
-        return tuple(self.widths) + tuple(self.wide.get(structure, ()))
+    def compute_jobs(self, rates: dict) -> list[tuple]:
+        """(structure, width, lr, "mup", steps, seed) of the compute sweep; rates: {structure: lr}."""
+        return [(s, w, rates[s], "mup", self.steps, seed) for s in self.structures
+                for w in (*self.widths, *self.wide.get(s, ())) for seed in range(self.seeds)]
+
+    def lr_jobs(self) -> list[tuple]:
+        """(structure, width, lr, parameterization, steps, 0) of the LR sweep, muP and SP."""
+        return [(s, w, lr, p, self.lr_steps, 0) for p in ("mup", "standard")
+                for s in self.lr_structures or self.structures for w in self.lr_widths for lr in self.lrs]
+
+    def check(self, task):
+        """Raise before any training if a job of either suite names an unknown structure or a
+        width that structure would have to pad."""
+        rates = dict.fromkeys(self.structures, 1.0)
+        for structure, width in sorted({job[:2] for job in self.compute_jobs(rates) + self.lr_jobs()}):
+            check_sweep(task, [structure], [width])
 
 
 FULL = {
@@ -85,13 +99,12 @@ def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool =
     structure the sweep left out takes dense's, and the report says so; the sweep's CSV is read
     from `lr_dir`, default `out`)."""
     out = Path(out)
-    for structure in settings.structures:
-        check_sweep(task, [structure], settings.compute_widths(structure))
     if lr == "tuned":
-        found = tuned_lrs(load_runs(Path(lr_dir or out) / f"efficiency_{task.name}_lr.csv"), task.base_width)
+        lr_dir = Path(lr_dir or out)
+        found = tuned_lrs(load_runs(lr_dir / f"efficiency_{task.name}_lr.csv"), task.base_width)
         missing = [s for s in settings.structures if s not in found]
         if missing and "dense" not in found:
-            raise ValueError(f"lr='tuned' needs an LR sweep of {missing} (or of dense) in {out} "
+            raise ValueError(f"lr='tuned' needs an LR sweep of {missing} (or of dense) in {lr_dir} "
                              f"(run `structlayers bench lr --task {task.name}` first)")
         rates = {s: found.get(s, found.get("dense")) for s in settings.structures}
         origin = {s: "" if s in found else " (dense's)" for s in settings.structures}
@@ -99,10 +112,8 @@ def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool =
         rate = task.lr if lr == "task" else check_lr(lr)
         rates = dict.fromkeys(settings.structures, rate)
         origin = dict.fromkeys(settings.structures, "")
-    jobs = [job for s in settings.structures for job in
-            compute_jobs([s], settings.compute_widths(s), rates[s], settings.steps, settings.seeds)]
     stem = out / f"efficiency_{task.name}_compute"
-    runs = sweep(task, jobs, stem.with_suffix(".csv"), progress)
+    runs = sweep(task, settings.compute_jobs(rates), stem.with_suffix(".csv"), progress)
     title = f"Loss vs training compute, {task.name} (muP)"
     lrs = ", ".join(f"{s} {rates[s]:.3g}{origin[s]}" for s in settings.structures)
     widths_text = ", ".join(map(str, settings.widths)) + "".join(
@@ -120,12 +131,9 @@ def run_compute(task, settings: Settings, out: Path, lr="task", progress: bool =
 
 def run_lr(task, settings: Settings, out: Path, progress: bool = True) -> list[str]:
     """LR grid x widths x structures, muP and SP; best LR per width and its drift."""
-    out = Path(out)
-    structures = settings.lr_structures or settings.structures
-    check_sweep(task, structures, settings.lr_widths)
-    stem = out / f"efficiency_{task.name}_lr"
-    jobs = lr_jobs(structures, settings.lr_widths, settings.lrs, settings.lr_steps)
-    runs = sweep(task, jobs, stem.with_suffix(".csv"), progress, points=2)  # only the end counts
+    stem = Path(out) / f"efficiency_{task.name}_lr"
+    # points=2: an LR sweep ranks by the end of each run only
+    runs = sweep(task, settings.lr_jobs(), stem.with_suffix(".csv"), progress, points=2)
     title = f"Learning-rate transfer across widths, {task.name}"
     lines = [*header(title, task.source),
              f"{settings.lr_steps} Adam steps per run; loss = smoothed training loss at the end; LR grid "

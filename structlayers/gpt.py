@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# every projection inside a block (not lm_head): the layers `sl.structurize(model, spec,
+# include=BLOCK_PROJECTIONS)` swaps
+BLOCK_PROJECTIONS = r"(mlp\.(fc|proj)|attn\.(q|k|v|proj))$"
+
 
 @dataclass
 class GPTConfig:

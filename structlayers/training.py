@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import mup
 from .data import mnist1d, text_corpus
-from .gpt import GPT, GPTConfig
+from .gpt import BLOCK_PROJECTIONS, GPT, GPTConfig
 from .spec import build
 from .surgery import structurize
 
@@ -36,7 +36,6 @@ STRUCTURES = {
     "monarch": "monarch", "btt1": "btt:rank=1", "btt2": "btt:rank=2", "tt": "tt:cores=3,rank=4",
     "tucker": "tucker:rank=0.25",
 }
-GPT_LAYERS = r"(mlp\.(fc|proj)|attn\.(q|k|v|proj))$"
 
 
 def spec_for(structure: str, in_features: int, out_features: int) -> str:
@@ -50,8 +49,6 @@ class Task:
     """What a training run needs from a task (see MLPTask, GPTTask)."""
 
     name: str
-    widths: tuple  # default widths of the compute sweep
-    lr_widths: tuple  # default widths of the LR-transfer sweep (a 4x range)
     base_width: int  # muP base width: `lr` is the Adam LR of a dense hidden layer of this width
     lr: float  # default base LR (muP)
     source: str  # where the data came from
@@ -74,7 +71,7 @@ class Task:
 
 
 class MLPTask(Task):
-    name, widths, lr_widths, base_width, lr = "mlp", (64, 128, 256, 512, 1024), (128, 256, 512), 128, 3e-3
+    name, base_width, lr = "mlp", 128, 3e-3
 
     def __init__(self, samples: int = 60000, batch_size: int = 128):
         self.samples, self.batch_size = samples, batch_size
@@ -110,7 +107,7 @@ class MLPTask(Task):
 
 
 class GPTTask(Task):
-    name, widths, lr_widths, base_width, lr = "gpt", (64, 128, 256), (64, 128, 256), 64, 3e-3
+    name, base_width, lr = "gpt", 64, 3e-3
 
     def __init__(self, corpus=None, n_layer: int = 2, n_head: int = 4, block_size: int = 64,
                  batch_size: int = 32, val_batches: int = 16, max_bytes: int = 4_000_000):
@@ -130,7 +127,7 @@ class GPTTask(Task):
                            n_layer=self.n_layer, n_head=self.n_head, n_embd=width)
         model = GPT(config)
         structurize(model, lambda name, linear: spec_for(structure, linear.in_features, linear.out_features),
-                    include=GPT_LAYERS)
+                    include=BLOCK_PROJECTIONS)
         return model
 
     def batch(self, generator):
