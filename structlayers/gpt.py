@@ -2,7 +2,14 @@
 (used by examples/structurize_gpt.py and the compute-efficiency benchmark).
 
 Every projection is its own nn.Linear with a readable name: attn.q, attn.k, attn.v, attn.proj,
-mlp.fc and mlp.proj in each block, and lm_head (tied to the token embedding, as in nanoGPT).
+mlp.fc and mlp.proj in each block, and lm_head (tied to the token embedding, as in nanoGPT,
+unless tie_weights=False).
+
+muP (Tensor Programs V) changes two things besides init and LRs (sl.mup): attention logits are
+scaled by 1/head_dim instead of 1/sqrt(head_dim), since q and k become correlated during
+training and q.k then grows like head_dim (`mup_base_head_dim`: the scale is
+sqrt(base) / head_dim, the usual 1/sqrt(head_dim) at the base width), and the readout must not
+share its weight with the embedding (an embedding is vector-like, the readout is not).
 """
 
 import math
@@ -25,6 +32,8 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 64
     dropout: float = 0.0
+    tie_weights: bool = True  # lm_head shares the token embedding's weight
+    mup_base_head_dim: int | None = None  # None: 1/sqrt(head_dim) attention; else muP's scale
 
 
 class CausalSelfAttention(nn.Module):
@@ -37,6 +46,11 @@ class CausalSelfAttention(nn.Module):
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.proj = nn.Linear(d, d)
         self.n_head, self.dropout = config.n_head, config.dropout
+        head_dim = d // config.n_head
+        base = config.mup_base_head_dim
+        if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
+            raise ValueError(f"mup_base_head_dim must be None or a positive int, got {base!r}")
+        self.scale = 1 / math.sqrt(head_dim) if base is None else math.sqrt(base) / head_dim
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -44,7 +58,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for lin in (self.q, self.k, self.v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
@@ -84,7 +98,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

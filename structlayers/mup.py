@@ -146,11 +146,20 @@ def _short_list(names: list[str], keep: int = 3) -> str:
 
 
 @torch.no_grad()
-def init_(model: nn.Module, parameterization: str = "mup") -> nn.Module:
+def init_(model: nn.Module, parameterization: str = "mup", readout: str | None = None) -> nn.Module:
     """Re-initialise every StructuredLinear (per-core std) and plain nn.Linear (a dense core:
     std sqrt(min(fan_in, fan_out)) / fan_in for muP, 1 / sqrt(fan_in) standard); zero biases.
-    Other modules (embeddings, norms) are left as they are. Returns the model."""
+    Other modules (embeddings, norms) are left as they are. Returns the model.
+
+    readout: the qualified name of the output layer (e.g. "lm_head"). muP wants its init to shrink
+    like 1/width; the spectral rule above only does so once width > its out_features (a vocabulary
+    is wider than small models), so under muP it is zero-initialised instead. Ignored under
+    "standard"."""
     _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+    modules = dict(model.named_modules())
+    if readout is not None and not isinstance(modules.get(readout), nn.Linear):
+        raise ValueError(f"readout must name an nn.Linear of the model, got {readout!r}; linear "
+                         f"layers: {[name for name, _ in _linear_modules(model)]}")
     for _, module in _linear_modules(model):
         if isinstance(module, StructuredLinear):
             module.reset_parameters(parameterization)
@@ -159,6 +168,14 @@ def init_(model: nn.Module, parameterization: str = "mup") -> nn.Module:
                                                  parameterization))
         if module.bias is not None:
             module.bias.zero_()
+    if readout is not None and parameterization == "mup":
+        weight = modules[readout].weight
+        tied = [name for name, m in modules.items() if name != readout
+                and any(p is weight for p in m.parameters(recurse=False))]
+        if tied:
+            raise ValueError(f"readout {readout!r} shares its weight with {tied}; zeroing it would "
+                             "zero them too: untie it (e.g. GPTConfig(tie_weights=False))")
+        weight.zero_()
     return model
 
 

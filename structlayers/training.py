@@ -5,7 +5,8 @@ training batches, and measures validation loss:
     MLPTask   mnist1d (generated, no download): 40 -> w -> w -> w -> 10, GELU; the two
               hidden-to-hidden layers are structured, input and readout stay nn.Linear
     GPTTask   a character-level GPT (structlayers.gpt) on the standard library's source or a
-              user's text file; every block projection (attn q/k/v/proj, mlp fc/proj) is structured
+              user's text file; every block projection (attn q/k/v/proj, mlp fc/proj) is structured;
+              lm_head untied; under muP, 1/head_dim attention and a zero-initialised lm_head
 `train_run` trains one model with Adam and the muP per-core learning rates (or the standard
 parameterization) and returns its loss curve against training FLOPs: the FLOPs of one
 forward+backward step, counted by torch's FlopCounterMode on the real step (attention included),
@@ -57,7 +58,8 @@ class Task:
         """(in, out) of every structured layer at this width (for the checks before training)."""
         raise NotImplementedError
 
-    def model(self, structure: str, width: int) -> nn.Module:
+    def model(self, structure: str, width: int, parameterization: str = "mup") -> nn.Module:
+        """The model with `structure` layers at `width`, initialised for `parameterization`."""
         raise NotImplementedError
 
     def batch(self, generator: torch.Generator):
@@ -86,10 +88,11 @@ class MLPTask(Task):
     def layer_shapes(self, width):
         return [(width, width)] * 2
 
-    def model(self, structure, width):
+    def model(self, structure, width, parameterization="mup"):
         spec = spec_for(structure, width, width)
-        return nn.Sequential(nn.Linear(40, width), nn.GELU(), build(spec, width, width), nn.GELU(),
-                             build(spec, width, width), nn.GELU(), nn.Linear(width, 10))
+        model = nn.Sequential(nn.Linear(40, width), nn.GELU(), build(spec, width, width), nn.GELU(),
+                              build(spec, width, width), nn.GELU(), nn.Linear(width, 10))
+        return mup.init_(model, parameterization)  # readout 10 < width: the spectral rule is 1/width
 
     def batch(self, generator):
         x, y, _, _ = self.data
@@ -122,13 +125,16 @@ class GPTTask(Task):
             raise ValueError(f"GPT width must be a multiple of n_head={self.n_head}, got {width}")
         return [(width, width), (width, 4 * width), (4 * width, width)]
 
-    def model(self, structure, width):
+    def model(self, structure, width, parameterization="mup"):
+        # untied under both parameterizations, so muP and SP train the same architecture
+        mup_head_dim = self.base_width // self.n_head if parameterization == "mup" else None
         config = GPTConfig(vocab_size=self.corpus.vocab_size, block_size=self.block_size,
-                           n_layer=self.n_layer, n_head=self.n_head, n_embd=width)
+                           n_layer=self.n_layer, n_head=self.n_head, n_embd=width, tie_weights=False,
+                           mup_base_head_dim=mup_head_dim)
         model = GPT(config)
         structurize(model, lambda name, linear: spec_for(structure, linear.in_features, linear.out_features),
                     include=BLOCK_PROJECTIONS)
-        return model
+        return mup.init_(model, parameterization, readout="lm_head")
 
     def batch(self, generator):
         return self.corpus.batch("train", self.batch_size, self.block_size, generator)
@@ -209,7 +215,7 @@ def train_run(task: Task, structure: str, width: int, lr: float, steps: int,
     """Train one model (Adam, per-core muP LRs scaled from `lr` at task.base_width, or one LR for
     every parameter under "standard"); validation loss at ~`points` log-spaced steps."""
     torch.manual_seed(seed)
-    model = mup.init_(task.model(structure, width), parameterization)
+    model = task.model(structure, width, parameterization)
     groups = mup.param_groups(model, lr, task.base_width, parameterization=parameterization)
     optimizer = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(seed)
