@@ -153,13 +153,10 @@ def init_(model: nn.Module, parameterization: str = "mup", readout: str | None =
 
     readout: the qualified name of the output layer (e.g. "lm_head"). muP wants its init to shrink
     like 1/width; the spectral rule above only does so once width > its out_features (a vocabulary
-    is wider than small models), so under muP it is zero-initialised instead. Ignored under
-    "standard"."""
+    is wider than small models), so under muP it is zero-initialised instead (it must not
+    share its weight with an embedding). Under "standard" it gets the usual init."""
     _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-    modules = dict(model.named_modules())
-    if readout is not None and not isinstance(modules.get(readout), nn.Linear):
-        raise ValueError(f"readout must name an nn.Linear of the model, got {readout!r}; linear "
-                         f"layers: {[name for name, _ in _linear_modules(model)]}")
+    zeroed = _readout_weight(model, readout, parameterization == "mup")
     for _, module in _linear_modules(model):
         if isinstance(module, StructuredLinear):
             module.reset_parameters(parameterization)
@@ -168,15 +165,29 @@ def init_(model: nn.Module, parameterization: str = "mup", readout: str | None =
                                                  parameterization))
         if module.bias is not None:
             module.bias.zero_()
-    if readout is not None and parameterization == "mup":
-        weight = modules[readout].weight
-        tied = [name for name, m in modules.items() if name != readout
-                and any(p is weight for p in m.parameters(recurse=False))]
-        if tied:
-            raise ValueError(f"readout {readout!r} shares its weight with {tied}; zeroing it would "
-                             "zero them too: untie it (e.g. GPTConfig(tie_weights=False))")
-        weight.zero_()
+    if zeroed is not None:
+        zeroed.zero_()
     return model
+
+
+def _readout_weight(model: nn.Module, readout: str | None, zero: bool) -> nn.Parameter | None:
+    """The weight to zero: that of the layer named `readout` if `zero` (else None), checked
+    before anything changes."""
+    if readout is None:
+        return None
+    modules = dict(model.named_modules())
+    if not isinstance(modules.get(readout), nn.Linear):
+        raise ValueError(f"readout must name an nn.Linear of the model, got {readout!r}; linear "
+                         f"layers: {[name for name, _ in _linear_modules(model)]}")
+    weight = modules[readout].weight
+    if not zero:
+        return None
+    tied = [name for name, m in modules.items() if name != readout
+            and any(p is weight for p in m.parameters(recurse=False))]
+    if tied:
+        raise ValueError(f"readout {readout!r} shares its weight with {tied}; zeroing it would "
+                         "zero them too: untie it (e.g. GPTConfig(tie_weights=False))")
+    return weight
 
 
 @torch.no_grad()

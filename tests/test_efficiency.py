@@ -103,6 +103,18 @@ def test_gpt_flops_include_attention(gpt_task):
     assert count_flops(gpt_task, model, batch) > linear_only
 
 
+def test_gpt_task_models_follow_their_parameterization(gpt_task):
+    """muP: zero readout, attention scaled sqrt(16)/head_dim (base width 64, 4 heads); SP: the
+    usual 1/sqrt(head_dim) and 1/sqrt(fan_in) readout. Both untied (the same architecture)."""
+    mup_model, sp_model = gpt_task.model("btt2", 32, "mup"), gpt_task.model("btt2", 32, "standard")
+    for model in (mup_model, sp_model):
+        assert model.lm_head.weight is not model.wte.weight
+    assert not mup_model.lm_head.weight.any()
+    assert sp_model.lm_head.weight.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
+    assert mup_model.blocks[0].attn.scale == pytest.approx(4 / 8)
+    assert sp_model.blocks[0].attn.scale == pytest.approx(1 / math.sqrt(8))
+
+
 # --- data ----------------------------------------------------------------------------------------
 def test_stdlib_corpus_is_deterministic_and_traceable():
     a, b = text_corpus(max_bytes=20_000), text_corpus(max_bytes=20_000)

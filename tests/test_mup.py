@@ -313,3 +313,30 @@ def test_coord_check_bad_arguments(kwargs, match):
     args = {"make_model": mlp("dense"), "widths": (64,), "data": batch(4)} | kwargs
     with pytest.raises(ValueError, match=match):
         mup.coord_check(**args)
+
+
+def _mlp_with_readout():
+    return nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 100))
+
+
+def test_init_zeroes_the_readout_under_mup_only():
+    torch.manual_seed(0)
+    model = mup.init_(_mlp_with_readout(), "mup", readout="2")
+    assert not model[2].weight.any()
+    assert model[0].weight.std().item() == pytest.approx(math.sqrt(8) / 8, rel=0.1)
+    standard = mup.init_(_mlp_with_readout(), "standard", readout="2")
+    assert standard[2].weight.std().item() == pytest.approx(1 / 8, rel=0.1)
+
+
+def test_init_readout_bad_name_or_tied_weight_changes_nothing():
+    with pytest.raises(ValueError, match="readout must name an nn.Linear"):
+        mup.init_(_mlp_with_readout(), readout="1")  # the GELU
+    emb, head = nn.Embedding(100, 64), nn.Linear(64, 100, bias=False)
+    head.weight = emb.weight
+    tied = nn.ModuleDict({"emb": emb, "head": head})
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="shares its weight with"):
+        mup.init_(tied, readout="head")
+    assert torch.equal(emb.weight, before)
+    mup.init_(tied, "standard", readout="head")  # nothing is zeroed: the tie is fine
+    assert emb.weight.std().item() == pytest.approx(1 / 8, rel=0.1)
