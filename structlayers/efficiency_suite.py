@@ -86,7 +86,9 @@ def make_task(name: str, quick: bool = False, corpus=None):
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid: {list(TASKS)}")
     if name == "mlp":
-        return MLPTask(samples=4000 if quick else 60000)  # 48000 train: no overfitting in 2000 steps
+        # 48000 training samples: 2000 steps of 128 see each about 5 times (see MLP_FRESH for
+        # the fresh-data regime)
+        return MLPTask(samples=4000 if quick else 60000)
     if quick:
         return GPTTask(corpus, max_bytes=300_000, batch_size=16, val_batches=4)
     return GPTTask(corpus)

@@ -116,6 +116,20 @@ def test_gpt_task_models_follow_their_parameterization(gpt_task):
 
 
 # --- data ----------------------------------------------------------------------------------------
+def test_mlp_task_scores_the_first_val_samples():
+    full, cut = MLPTask(samples=200), MLPTask(samples=200, val_samples=15)
+    assert torch.equal(cut.data[0], full.data[0]) and torch.equal(cut.data[1], full.data[1])
+    assert torch.equal(cut.data[2], full.data[2][:15]) and torch.equal(cut.data[3], full.data[3][:15])
+    assert "160 train / 15 validation" in cut.source and "160 train / 40 validation" in full.source
+
+
+@pytest.mark.parametrize("kwargs", [{"samples": 5}, {"samples": True}, {"batch_size": 0},
+                                    {"val_samples": 2.5}])
+def test_mlp_task_bad_sizes(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        MLPTask(**kwargs)
+
+
 def test_stdlib_corpus_is_deterministic_and_traceable():
     a, b = text_corpus(max_bytes=20_000), text_corpus(max_bytes=20_000)
     assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
