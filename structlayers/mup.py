@@ -146,17 +146,24 @@ def _short_list(names: list[str], keep: int = 3) -> str:
 
 
 @torch.no_grad()
-def init_(model: nn.Module, parameterization: str = "mup", readout: str | None = None) -> nn.Module:
+def init_(model: nn.Module, parameterization: str = "mup", readout: str | None = None,
+          base_width: float | None = None) -> nn.Module:
     """Re-initialise every StructuredLinear (per-core std) and plain nn.Linear (a dense core:
     std sqrt(min(fan_in, fan_out)) / fan_in for muP, 1 / sqrt(fan_in) standard); zero biases.
     Other modules (embeddings, norms) are left as they are. Returns the model.
 
-    readout: the qualified name of the output layer (e.g. "lm_head"). muP wants its init to shrink
-    like 1/width; the spectral rule above only does so once width > its out_features (a vocabulary
-    is wider than small models), so under muP it is zero-initialised instead (it must not
-    share its weight with an embedding). Under "standard" it gets the usual init."""
+    readout, base_width: the qualified name of the output layer (e.g. "lm_head") and the muP base
+    width. muP wants the readout's init to shrink like 1/width; the spectral rule above only does
+    so once width > its out_features (a vocabulary is wider than small models), so under muP the
+    readout gets std sqrt(base_width) / fan_in instead: the standard 1/sqrt(fan_in) at the base
+    width, 1/width-like above it. It must not share its weight with an embedding. Under
+    "standard" it gets the usual init."""
     _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-    zeroed = _readout_weight(model, readout, parameterization == "mup")
+    head = _readout(model, readout, parameterization == "mup")
+    if head is not None:
+        if base_width is None:
+            raise ValueError(f"readout={readout!r} needs base_width, the muP base width")
+        base_width = _check_number("base_width", base_width, 0.0, strict=True)
     for _, module in _linear_modules(model):
         if isinstance(module, StructuredLinear):
             module.reset_parameters(parameterization)
@@ -165,14 +172,14 @@ def init_(model: nn.Module, parameterization: str = "mup", readout: str | None =
                                                  parameterization))
         if module.bias is not None:
             module.bias.zero_()
-    if zeroed is not None:
-        zeroed.zero_()
+    if head is not None:
+        head.weight.normal_(0.0, math.sqrt(base_width) / head.in_features)
     return model
 
 
-def _readout_weight(model: nn.Module, readout: str | None, zero: bool) -> nn.Parameter | None:
-    """The weight to zero: that of the layer named `readout` if `zero` (else None), checked
-    before anything changes."""
+def _readout(model: nn.Module, readout: str | None, mup_init: bool) -> nn.Linear | None:
+    """The layer named `readout` if it gets muP's readout init (else None), checked before
+    anything changes."""
     if readout is None:
         return None
     modules = dict(model.named_modules())
@@ -180,14 +187,14 @@ def _readout_weight(model: nn.Module, readout: str | None, zero: bool) -> nn.Par
         raise ValueError(f"readout must name an nn.Linear of the model, got {readout!r}; linear "
                          f"layers: {[name for name, _ in _linear_modules(model)]}")
     weight = modules[readout].weight
-    if not zero:
+    if not mup_init:
         return None
     tied = [name for name, m in modules.items() if name != readout
             and any(p is weight for p in m.parameters(recurse=False))]
     if tied:
-        raise ValueError(f"readout {readout!r} shares its weight with {tied}; zeroing it would "
-                         "zero them too: untie it (e.g. GPTConfig(tie_weights=False))")
-    return weight
+        raise ValueError(f"readout {readout!r} shares its weight with {tied}; its muP init would "
+                         "overwrite theirs: untie it (e.g. GPTConfig(tie_weights=False))")
+    return modules[readout]
 
 
 @torch.no_grad()

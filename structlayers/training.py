@@ -6,7 +6,8 @@ training batches, and measures validation loss:
               hidden-to-hidden layers are structured, input and readout stay nn.Linear
     GPTTask   a character-level GPT (structlayers.gpt) on the standard library's source or a
               user's text file; every block projection (attn q/k/v/proj, mlp fc/proj) is structured;
-              lm_head untied; under muP, 1/head_dim attention and a zero-initialised lm_head
+              lm_head untied; under muP, 1/head_dim attention, N(0, 1) embeddings and an lm_head
+              whose init shrinks like 1/width (sl.mup.init_'s readout rule)
 `train_run` trains one model with Adam and the muP per-core learning rates (or the standard
 parameterization) and returns its loss curve against training FLOPs: the FLOPs of one
 forward+backward step, counted by torch's FlopCounterMode on the real step (attention included),
@@ -143,7 +144,11 @@ class GPTTask(Task):
         model = GPT(config)
         structurize(model, lambda name, linear: spec_for(structure, linear.in_features, linear.out_features),
                     include=BLOCK_PROJECTIONS)
-        return mup.init_(model, parameterization, readout="lm_head")
+        mup.init_(model, parameterization, readout="lm_head", base_width=self.base_width)
+        if parameterization == "mup":  # muP's input layer: O(1) entries at every width
+            for embedding in (model.wte, model.wpe):
+                nn.init.normal_(embedding.weight, std=1.0)
+        return model
 
     def batch(self, generator):
         return self.corpus.batch("train", self.batch_size, self.block_size, generator)

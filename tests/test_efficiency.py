@@ -104,13 +104,18 @@ def test_gpt_flops_include_attention(gpt_task):
 
 
 def test_gpt_task_models_follow_their_parameterization(gpt_task):
-    """muP: zero readout, attention scaled sqrt(16)/head_dim (base width 64, 4 heads); SP: the
-    usual 1/sqrt(head_dim) and 1/sqrt(fan_in) readout. Both untied (the same architecture)."""
-    mup_model, sp_model = gpt_task.model("btt2", 32, "mup"), gpt_task.model("btt2", 32, "standard")
+    """muP (base width 64, 4 heads): attention scaled sqrt(16)/head_dim, readout std 8/width,
+    N(0, 1) embeddings; SP: 1/sqrt(head_dim), 1/sqrt(fan_in) readout, nanoGPT's 0.02 embeddings.
+    Both untied (the same architecture)."""
+    torch.manual_seed(0)
+    mup_model, sp_model = gpt_task.model("btt2", 128, "mup"), gpt_task.model("btt2", 128, "standard")
     for model in (mup_model, sp_model):
         assert model.lm_head.weight is not model.wte.weight
-    assert not mup_model.lm_head.weight.any()
-    assert sp_model.lm_head.weight.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.15)
+    assert mup_model.lm_head.weight.std().item() == pytest.approx(8 / 128, rel=0.05)
+    assert sp_model.lm_head.weight.std().item() == pytest.approx(1 / math.sqrt(128), rel=0.05)
+    assert mup_model.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert sp_model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    mup_model, sp_model = gpt_task.model("btt2", 32, "mup"), gpt_task.model("btt2", 32, "standard")
     assert mup_model.blocks[0].attn.scale == pytest.approx(4 / 8)
     assert sp_model.blocks[0].attn.scale == pytest.approx(1 / math.sqrt(8))
 

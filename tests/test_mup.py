@@ -319,24 +319,31 @@ def _mlp_with_readout():
     return nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 100))
 
 
-def test_init_zeroes_the_readout_under_mup_only():
+def test_init_readout_shrinks_like_one_over_width_under_mup_only():
+    """std sqrt(base) / fan_in: 1/sqrt(fan_in) at the base width, 1/width-like above it."""
     torch.manual_seed(0)
-    model = mup.init_(_mlp_with_readout(), "mup", readout="2")
-    assert not model[2].weight.any()
-    assert model[0].weight.std().item() == pytest.approx(math.sqrt(8) / 8, rel=0.1)
+    for base_width, want in ((64, 1 / 8), (16, 4 / 64)):
+        model = mup.init_(_mlp_with_readout(), "mup", readout="2", base_width=base_width)
+        assert model[2].weight.std().item() == pytest.approx(want, rel=0.05)
+    assert model[0].weight.std().item() == pytest.approx(math.sqrt(8) / 8, rel=0.1)  # the rest as usual
     standard = mup.init_(_mlp_with_readout(), "standard", readout="2")
-    assert standard[2].weight.std().item() == pytest.approx(1 / 8, rel=0.1)
+    assert standard[2].weight.std().item() == pytest.approx(1 / 8, rel=0.05)
 
 
-def test_init_readout_bad_name_or_tied_weight_changes_nothing():
+def test_init_readout_bad_input_changes_nothing():
+    model = _mlp_with_readout()
+    before = model[0].weight.detach().clone()
     with pytest.raises(ValueError, match="readout must name an nn.Linear"):
-        mup.init_(_mlp_with_readout(), readout="1")  # the GELU
+        mup.init_(model, readout="1", base_width=64)  # the GELU
+    with pytest.raises(ValueError, match="needs base_width"):
+        mup.init_(model, readout="2")
+    assert torch.equal(model[0].weight, before)
     emb, head = nn.Embedding(100, 64), nn.Linear(64, 100, bias=False)
     head.weight = emb.weight
     tied = nn.ModuleDict({"emb": emb, "head": head})
     before = emb.weight.detach().clone()
     with pytest.raises(ValueError, match="shares its weight with"):
-        mup.init_(tied, readout="head")
+        mup.init_(tied, readout="head", base_width=64)
     assert torch.equal(emb.weight, before)
-    mup.init_(tied, "standard", readout="head")  # nothing is zeroed: the tie is fine
+    mup.init_(tied, "standard", readout="head")  # the usual init: the tie is fine
     assert emb.weight.std().item() == pytest.approx(1 / 8, rel=0.1)
