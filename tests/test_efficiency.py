@@ -2,9 +2,11 @@
 against hand-computed curves, resumable sweeps, and bad input before any training."""
 
 import csv
+import importlib.util
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from structlayers.efficiency import (
     tuned_lrs,
     wall_clock,
 )
+from structlayers.efficiency_suite import FULL, QUICK
 from structlayers.training import (
     STRUCTURES,
     GPTTask,
@@ -36,6 +39,8 @@ from structlayers.training import (
     eval_steps,
     train_run,
 )
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +293,22 @@ def test_a_huge_lr_loses_and_a_nan_run_is_recorded_as_infinite_loss(mlp_task, tm
         train_run(NaNLoss(), "dense", 64, 1e-3, steps=5)
     runs = sweep(NaNLoss(), [("dense", 64, 1e-3, "mup", 5, 0)], tmp_path / "nan.csv", progress=False)
     assert runs[0].final_train_loss == runs[0].final_val_loss == math.inf
+
+
+def test_every_shipped_setting_passes_its_checks(mlp_task, gpt_task):
+    """FULL, QUICK and the benchmark script's extra suites train only valid (structure, width)
+    pairs, and every LR sweep spans 3+ widths over at least 4x, as the benchmark promises."""
+    spec = importlib.util.spec_from_file_location("bench_efficiency", BENCHMARKS / "efficiency.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tasks = {"mlp": mlp_task, "gpt": gpt_task}
+    suites = [*FULL.items(), *QUICK.items(), ("gpt", script.GPT_LONG), ("mlp", script.MLP_FRESH)]
+    for name, settings in suites:
+        settings.check(tasks[name])
+        assert settings.compute_jobs(dict.fromkeys(settings.structures, 1e-3))
+    for settings in (*FULL.values(), *QUICK.values()):
+        widths = settings.lr_widths
+        assert len(widths) >= 3 and max(widths) >= 4 * min(widths)
 
 
 def test_bad_sweeps_fail_before_training(mlp_task, gpt_task):
