@@ -19,7 +19,7 @@ from pathlib import Path
 
 from structlayers.bench import write_markdown
 from structlayers.efficiency import load_runs
-from structlayers.efficiency_report import header, headline_table
+from structlayers.efficiency_report import headline_table
 from structlayers.efficiency_suite import FULL, QUICK, Settings, make_task, run_compute, run_lr
 from structlayers.training import MLPTask
 
@@ -66,7 +66,9 @@ def main():
 
 def write_summary(out: Path):
     """efficiency.md: the headline table of every task with results in `out`."""
-    lines = header("Compute efficiency of structured layers vs dense", "see each task's section")
+    lines = ["# Compute efficiency of structured layers vs dense", "",
+             "Date, machine, threads and data of each task: the first lines of its "
+             "efficiency_{task}_{compute,lr}.md.", ""]
     for task in ("mlp", "gpt"):
         compute, lr = (out / f"efficiency_{task}_{suite}.csv" for suite in ("compute", "lr"))
         if compute.exists():
