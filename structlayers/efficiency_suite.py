@@ -58,7 +58,7 @@ FULL = {
                     lrs=tuple(2.0 ** -k for k in range(11, 4, -1)),
                     wide={"btt1": (2048, 4096), "btt2": (2048, 4096), "lowrank": (2048,)}),
     # the GPT costs ~50x the MLP per step on a CPU: fewer structures, widths and LRs
-    # muP's best LR is near 2^-5 and SP's falls to 2^-10 at width 256: the grid holds both
+    # muP's best LR is 2^-6..2^-7 and SP's falls to 2^-10..2^-11 at width 256: the grid holds both
     "gpt": Settings(("dense", "lowrank", "btt1", "btt2"), (64, 128, 256), 400, (64, 128, 256), 100,
                     lrs=tuple(2.0 ** -k for k in range(11, 3, -1))),
 }

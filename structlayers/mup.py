@@ -168,12 +168,11 @@ def init_(model: nn.Module, parameterization: str = "mup", readout: str | None =
         if isinstance(module, StructuredLinear):
             module.reset_parameters(parameterization)
             continue
-        module.weight.normal_(0.0, core_init_std(module.in_features, module.out_features,
-                                                 parameterization))
+        std = (math.sqrt(base_width) / module.in_features if module is head
+               else core_init_std(module.in_features, module.out_features, parameterization))
+        module.weight.normal_(0.0, std)
         if module.bias is not None:
             module.bias.zero_()
-    if head is not None:
-        head.weight.normal_(0.0, math.sqrt(base_width) / head.in_features)
     return model
 
 
@@ -186,9 +185,9 @@ def _readout(model: nn.Module, readout: str | None, mup_init: bool) -> nn.Linear
     if not isinstance(modules.get(readout), nn.Linear):
         raise ValueError(f"readout must name an nn.Linear of the model, got {readout!r}; linear "
                          f"layers: {[name for name, _ in _linear_modules(model)]}")
-    weight = modules[readout].weight
     if not mup_init:
         return None
+    weight = modules[readout].weight
     tied = [name for name, m in modules.items() if name != readout
             and any(p is weight for p in m.parameters(recurse=False))]
     if tied:
