@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .program import Program, Step, dense, fused_forward, run
+from .execute import run_plan
+from .plan import make_plan
+from .program import Program, Step, dense, fused_forward, run, uses_plans
 from .sizes import check_size
 
 PARAMETERIZATIONS = ("mup", "standard")
@@ -114,7 +116,12 @@ class StructuredLinear(nn.Module):
         """(T, in_features) -> (T, out_features) through the program, padding and cropping."""
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
-        y = run(self.program, x, cores, self.precision)
+        if self.precision is None and uses_plans():
+            training = torch.is_grad_enabled() and (
+                x.requires_grad or any(c.requires_grad for c in cores.values()))
+            y = run_plan(make_plan(self.program, x.shape[0], training), x, cores)
+        else:
+            y = run(self.program, x, cores, self.precision)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
         return y
@@ -124,6 +131,9 @@ class StructuredLinear(nn.Module):
             raise ValueError(
                 f"input last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a real floating-point tensor (float32, float64, bfloat16, "
+                            f"float16), got dtype {x.dtype}")
         lead, x = x.shape[:-1], x.reshape(-1, self.in_features)
         kernel = fused_forward(self.program, x, self.precision)
         if kernel is not None:  # the fused GPU kernel: padding, cropping and bias included

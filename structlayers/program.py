@@ -21,7 +21,7 @@ from math import prod
 import opt_einsum
 import torch
 
-_BACKENDS = ("torch", "triton", "auto")
+_BACKENDS = ("torch", "einsum", "triton", "auto")
 _backend = "auto"
 
 
@@ -29,7 +29,9 @@ _backend = "auto"
 def backend(name: str):
     """Choose the contraction path inside a `with` block.
 
-    "torch": einsum/bmm on every layer (the reference). "triton": the fused Triton kernels on every
+    "torch": the execution plans (plan.py: strided batched matmuls in chosen layouts, a custom
+    backward) on every layer. "einsum": one torch.einsum per step, the reference the plans are
+    tested against (and what a precision policy or torch.compile runs). "triton": the fused Triton kernels on every
     layer that has one (2-core Monarch/BTT), the torch path elsewhere; inputs the kernels cannot
     take raise an error. "auto" (the default): the kernels for CUDA inputs of a dtype they support
     when Triton is installed, else torch. A layer with a precision policy always runs the torch
@@ -51,6 +53,13 @@ def current_backend() -> str:
     return _backend
 
 
+def uses_plans() -> bool:
+    """Whether the torch path runs execution plans (plan.py) rather than the reference einsums:
+    everywhere but under backend("einsum") and while torch.compile traces (inductor plans the
+    einsums itself)."""
+    return _backend != "einsum" and not torch.compiler.is_compiling()
+
+
 @lru_cache(maxsize=1)
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -59,7 +68,7 @@ def _triton_installed() -> bool:
 def fused_forward(program, x: torch.Tensor, policy=None):
     """The fused kernel's forward (x, cores, out_features, bias) -> y for this program under the
     current backend, or None where the torch path runs (see `backend`)."""
-    if _backend == "torch" or policy is not None:
+    if _backend in ("torch", "einsum") or policy is not None:
         return None
     if _backend == "auto" and not (x.is_cuda and _triton_installed()):
         return None

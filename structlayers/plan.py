@@ -1,0 +1,328 @@
+"""Execution plans: how a program's contractions run fast, derived once and cached.
+
+A `Program` says what to contract; a `Plan` says how, for one (program, token bucket, dtype):
+
+- order: the activation meets the cores in the cheapest order of the tensor network
+  x(T, *in_modes), core_0, ..., core_n -> y(T, *out_modes) that opt_einsum finds (for TT the
+  fixed step order can cost 2x the FLOPs); cores it pairs with each other are merged first
+  (small, once per call, not per token);
+- layouts: every activation-core contraction is one strided batched matmul
+  out[b, m, n] = x[b, m, k] @ core[b, k, n] over the modes it carries as blocks (b), as rows (m:
+  the tokens and the modes the core does not touch), sums (k) and produces (n). The activation is
+  read in place when each of those groups is one run of its physical modes; its output is written
+  in the physical order the next matmul reads (chosen by `_layouts`, a shortest path over orders
+  with the cost model below), and only where no order can be read in place is it copied, the
+  cheapest way (a per-token transpose is cached, a transpose across tokens is not). The cores,
+  being small, are reordered freely.
+
+`structlayers show` prints a plan (`Plan.describe`). The cost model's rates are rough fp32 CPU
+numbers (measured on the 2-core dev machine: batched matmuls of 32-128-wide blocks at 80-120
+GFLOP/s, copies at 60 GB/s contiguous, 17 GB/s as per-token transposes, 4-6 GB/s across tokens);
+only their ratios steer the choice, and every choice computes the same map.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import permutations, product
+from math import prod
+
+import opt_einsum
+
+from .program import Program, Step, make_step
+
+TOKEN = "_T"  # the token mode in physical orders
+
+_GEMM_RATE = 190e9       # FLOP/s of a large fp32 GEMM
+_COPY_RATES = {"same": 67e9, "chunks": 20e9, "per token": 17e9, "across tokens": 5e9}  # bytes/s
+_CALL_SECONDS = 10e-6    # fixed cost of one torch call from Python
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Contract two cores into one before the activation meets it: `equation` on (a, b)."""
+
+    name: str
+    a: str
+    b: str
+    modes: tuple[str, ...]
+    equation: str
+    flops: int
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """One activation-core contraction as a strided batched matmul.
+
+    The activation arrives in physical order `source` (a contiguous tensor, TOKEN among its
+    modes); it is copied to `x_order` first when the two differ. The output is a contiguous tensor
+    in physical order `out_order`. `blocks`/`rows`/`sums`/`made` are the b/m/k/n mode groups, each
+    in the order it has in x_order (made: in out_order).
+    """
+
+    step: Step
+    source: tuple[str, ...]
+    x_order: tuple[str, ...]
+    out_order: tuple[str, ...]
+    blocks: tuple[str, ...]
+    rows: tuple[str, ...]
+    sums: tuple[str, ...]
+    made: tuple[str, ...]
+
+    @property
+    def copies_input(self) -> bool:
+        return self.source != self.x_order
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Merges (core with core), then matmuls (activation with core), then the output's order.
+
+    The input is x (T, *program.in_modes) contiguous; the last matmul writes `out_order`, copied
+    to (T, *program.out_modes) when it differs.
+    """
+
+    program: Program
+    tokens: int  # the bucket (a power of two) the plan was derived for
+    training: bool  # planned for forward+backward (else for a forward alone)
+    merges: tuple[Merge, ...]
+    matmuls: tuple[Matmul, ...]
+    seconds: float  # the cost model's estimate of one forward (+ backward when training)
+
+    @property
+    def out_order(self) -> tuple[str, ...]:
+        return (TOKEN, *self.program.out_modes)
+
+    def flops(self, tokens: int) -> int:
+        """Forward matmul FLOPs of this plan for `tokens` rows (merges counted once)."""
+        return sum(m.flops for m in self.merges) + sum(mm.step.flops(tokens) for mm in self.matmuls)
+
+    def describe(self) -> str:
+        kind = "forward+backward" if self.training else "forward"
+        lines = [f"plan for {self.tokens} tokens, {kind} (cost model: {self.seconds * 1e3:.3f} ms "
+                 f"in fp32 on the dev CPU):"]
+        lines += [f"  merge {m.a} * {m.b} -> {m.name}  ({m.equation})" for m in self.merges]
+        for mm in self.matmuls:
+            copy = f"copy {_show(mm.source)} -> {_show(mm.x_order)}, " if mm.copies_input else ""
+            lines.append(f"  {mm.step.core}: {copy}bmm blocks={_show(mm.blocks)} rows={_show(mm.rows)} "
+                         f"sums={_show(mm.sums)} makes={_show(mm.made)} -> {_show(mm.out_order)}")
+        if self.matmuls[-1].out_order != self.out_order:
+            lines.append(f"  copy {_show(self.matmuls[-1].out_order)} -> {_show(self.out_order)}")
+        return "\n".join(lines)
+
+
+def token_bucket(tokens: int) -> int:
+    """The power of two at or above `tokens` (at least 1): plans are cached per bucket."""
+    return 1 << max(0, tokens - 1).bit_length()
+
+
+def make_plan(program: Program, tokens: int, training: bool = True) -> Plan:
+    """The plan for `program` at `tokens` (rounded up to its bucket), for a forward+backward
+    (training) or a forward alone."""
+    return _plan(program, token_bucket(tokens), training)
+
+
+@lru_cache(maxsize=1024)
+def _plan(program: Program, tokens: int, training: bool) -> Plan:
+    sizes = dict(program.sizes) | {TOKEN: tokens}
+    merges, steps = _order(program, tokens)
+    matmuls, seconds = _layouts(steps, program, sizes, training)
+    return Plan(program, tokens, training, merges, matmuls, seconds)
+
+
+# --- order ---------------------------------------------------------------------------------------
+def _order(program: Program, tokens: int) -> tuple[tuple[Merge, ...], tuple[Step, ...]]:
+    """The step order, or opt_einsum's optimal order where it needs fewer FLOPs at `tokens`."""
+    if len(program.steps) <= 2:
+        return (), program.steps
+    sizes = dict(program.sizes)
+    symbol = {m: opt_einsum.get_symbol(k + 1) for k, (m, _) in enumerate(program.sizes)}
+    x_sub = opt_einsum.get_symbol(0) + "".join(symbol[m] for m in program.in_modes)
+    subs = [x_sub, *("".join(symbol[m] for m in s.core_modes) for s in program.steps)]
+    out_sub = opt_einsum.get_symbol(0) + "".join(symbol[m] for m in program.out_modes)
+    shapes = [(tokens, *program.in_shape), *(s.core_shape for s in program.steps)]
+    path, _ = opt_einsum.contract_path(f"{','.join(subs)}->{out_sub}", *shapes, shapes=True,
+                                       optimize="optimal" if len(shapes) <= 7 else "auto")
+    # operands: (name or None for the activation, modes)
+    operands = [(None, program.in_modes), *((s.core, s.core_modes) for s in program.steps)]
+    merges, steps = [], []
+    for pair in path:
+        picked = [operands[k] for k in sorted(pair, reverse=True)]
+        for k in sorted(pair, reverse=True):
+            operands.pop(k)
+        rest = {m for _, modes in operands for m in modes} | set(program.out_modes)
+        (name_a, modes_a), (name_b, modes_b) = picked
+        kept = tuple(dict.fromkeys(m for m in (*modes_a, *modes_b) if m in rest))
+        if name_a is None or name_b is None:  # the activation meets a (possibly merged) core
+            x_modes, (core, core_modes) = (modes_a, picked[1]) if name_a is None else (modes_b, picked[0])
+            steps.append(make_step(core, x_modes, core_modes, kept, sizes))
+            operands.append((None, kept))
+        else:
+            name = f"{name_b}*{name_a}"
+            letters = {m: opt_einsum.get_symbol(k) for k, m in enumerate(dict.fromkeys((*modes_a, *modes_b)))}
+            equation = (f"{''.join(letters[m] for m in modes_b)},{''.join(letters[m] for m in modes_a)}"
+                        f"->{''.join(letters[m] for m in kept)}")
+            flops = 2 * prod(sizes[m] for m in letters)
+            merges.append(Merge(name, name_b, name_a, kept, equation, flops))
+            operands.append((name, kept))
+    (_, final), = operands
+    if set(final) != set(program.out_modes):
+        raise AssertionError(f"contraction order ends with modes {final}, not {program.out_modes}")
+    planned = (tuple(merges), tuple(steps))
+    step_flops = program.flops(tokens)
+    merged_flops = sum(m.flops for m in merges) + sum(s.flops(tokens) for s in steps)
+    return planned if merged_flops < step_flops else ((), program.steps)
+
+
+# --- layouts -------------------------------------------------------------------------------------
+def groups(step: Step) -> dict[str, tuple[str, ...]]:
+    """The matmul's mode groups (in the step's own mode order): blocks, rows, sums, made."""
+    x, core, out = set(step.x_modes), set(step.core_modes), set(step.out_modes)
+    return {"blocks": tuple(m for m in step.x_modes if m in core and m in out),
+            "rows": (TOKEN, *(m for m in step.x_modes if m in out and m not in core)),
+            "sums": tuple(m for m in step.x_modes if m in core and m not in out),
+            "made": tuple(m for m in step.core_modes if m in out and m not in x)}
+
+
+def _runs(order, parts) -> bool:
+    """Whether every part (a tuple of modes) is one run of consecutive positions in `order`."""
+    where = {m: k for k, m in enumerate(order)}
+    return all(not part or [where[m] for m in part] == list(range(where[part[0]], where[part[0]] + len(part)))
+               for part in parts)
+
+
+def _readable(order, blocks, rows, sums, sizes) -> tuple | None:
+    """(blocks, rows, sums) in their physical order within `order` when the matmul reads it in
+    place: each group one run, and the blocks not the innermost run (a GEMM operand needs one
+    unit stride within each block). None otherwise."""
+    ordered = [tuple(m for m in order if m in group) for group in (blocks, rows, sums)]
+    if not _runs(order, ordered):
+        return None
+    if blocks and order[-1] in blocks and prod(sizes[m] for m in blocks) > 1:
+        return None
+    return tuple(ordered)
+
+
+def _orders(parts) -> list[tuple[str, ...]]:
+    """Every order that keeps each part one run (any order of parts and within each part)."""
+    nonempty = [p for p in parts if p]
+    found = []
+    for part_order in permutations(nonempty):
+        for inner in product(*(permutations(p) for p in part_order)):
+            found.append(tuple(m for p in inner for m in p))
+    return found
+
+
+def _group_orders(parts, sizes) -> list[tuple[str, ...]]:
+    """The orders that put the parts (each in its own order) one after another, blocks (the
+    first part) not innermost."""
+    orders = {tuple(m for p in part_order for m in p) for part_order in permutations(parts)}
+    return sorted(o for o in orders if _readable(o, *parts, sizes) is not None)
+
+
+# How fast a batched matmul runs, relative to its best layout, by the layout of an operand or the
+# output: "B" when the blocks are the outermost mode (else "M": a block mode sits inside another),
+# "R" when its last dim is innermost (row-major), "C" when its first is (column-major). Fitted
+# (log-linear, 11% rms error) to 216 layout combinations of (32 x 2048 x 32) @ (32 x 32 x 64) and
+# (32 x 32 x 2048) @ (32 x 2048 x 64) batched matmuls with preallocated outputs, fp32, dev CPU.
+_LAYOUT_EFFICIENCY = {
+    "matmul": {"a": {"BR": 1.0, "BC": 0.95, "MR": 0.84, "MC": 0.73},
+               "out": {"BR": 1.0, "MR": 0.81, "BC": 0.65, "MC": 0.61}},
+    "reduce": {"a": {"BC": 1.0, "BR": 0.96, "MR": 0.99, "MC": 0.78},  # the core's gradient
+               "b": {"BC": 1.0, "BR": 0.96, "MC": 0.95, "MR": 0.68}},
+}
+
+
+def _layout(order, blocks, rows, cols) -> str:
+    """The layout class ("BR", "BC", "MR", "MC") of a (blocks, rows, cols) view of `order`."""
+    first = [m for m in order if m in (*blocks, *rows, *cols)]
+    outer = "B" if not blocks or first[0] in blocks else "M"
+    inner = "R" if not cols or first[-1] in cols else "C"
+    return outer + inner
+
+
+def _bmm_seconds(b, m, k, n, *efficiencies) -> float:
+    """Cost model of one batched matmul (b, m, k) @ (b, k, n): small matrices run slower."""
+    efficiency = 1 / (1 + 16 / max(k, 1) + 16 / max(n, 1) + 16 / max(m, 1))
+    for e in efficiencies:
+        efficiency *= e
+    return 2 * b * m * k * n / (_GEMM_RATE * efficiency) + _CALL_SECONDS
+
+
+def _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes, training: bool) -> float:
+    """Forward, and for training the two backward matmuls, of one activation-core matmul."""
+    b, m, k, n = (prod(sizes[mode] for mode in part) for part in (blocks, rows, sums, made))
+    table = _LAYOUT_EFFICIENCY
+    x_layout = _layout(x_order, blocks, rows, sums)
+    out_layout = _layout(out_order, blocks, rows, made)
+    seconds = _bmm_seconds(b, m, k, n, table["matmul"]["a"][x_layout], table["matmul"]["out"][out_layout])
+    if training:
+        # grad core: x3^T (b, k, m) @ g3 (b, m, n); grad input: g3 @ core^T, written like x
+        transposed = {"BR": "BC", "BC": "BR", "MR": "MC", "MC": "MR"}
+        seconds += _bmm_seconds(b, k, m, n, table["reduce"]["a"][transposed[x_layout]],
+                                table["reduce"]["b"][out_layout])
+        seconds += _bmm_seconds(b, m, n, k, table["matmul"]["a"][out_layout],
+                                table["matmul"]["out"][x_layout])
+    return seconds
+
+
+def _copy_seconds(source, target, sizes, training: bool) -> float:
+    """Cost model of copying a tensor from physical order `source` to `target` (fp32; training:
+    its gradient is copied back too)."""
+    if source == target:
+        return 0.0
+    numel = prod(sizes[m] for m in source)
+    chunk = 1  # the elements that move together: the innermost modes both orders share
+    for a, b in zip(reversed(source), reversed(target), strict=True):
+        if a != b:
+            break
+        chunk *= sizes[a]
+    if chunk >= 4096:
+        kind = "same"
+    elif chunk >= 16:
+        kind = "chunks"
+    elif source[0] == target[0] == TOKEN and numel // sizes[TOKEN] <= 2**16:
+        kind = "per token"
+    else:
+        kind = "across tokens"
+    return (2 if training else 1) * (2 * 4 * numel / _COPY_RATES[kind] + _CALL_SECONDS)
+
+
+def _layouts(steps, program: Program, sizes: dict, training: bool) -> tuple[tuple[Matmul, ...], float]:
+    """Physical orders for every matmul: the cheapest path through the cost model.
+
+    States are the activation's physical order between matmuls; from each, a matmul reads it in
+    place if it can, else copies it to an order it can read; it writes any order whose groups are
+    runs. The input is (T, *in_modes); the output must end as (T, *out_modes).
+    """
+    start = (TOKEN, *program.in_modes)
+    best = {start: (0.0, ())}  # order -> (seconds, matmuls so far)
+    for step in steps:
+        g = groups(step)
+        candidates = {}
+        for source, (seconds, done) in best.items():
+            read = _readable(source, g["blocks"], g["rows"], g["sums"], sizes)
+            if read is not None:
+                reads = [(source, read, 0.0)]
+            else:
+                reads = []
+                for order in _orders((g["blocks"], g["rows"], g["sums"])):
+                    grouped = _readable(order, g["blocks"], g["rows"], g["sums"], sizes)
+                    if grouped is not None:
+                        reads.append((order, grouped, _copy_seconds(source, order, sizes, training)))
+            for x_order, (blocks, rows, sums), copy in reads:
+                for made in permutations(g["made"]):
+                    for out_order in _group_orders((blocks, rows, made), sizes):
+                        cost = seconds + copy + _matmul_seconds(x_order, out_order, blocks, rows, sums,
+                                                                made, sizes, training)
+                        if out_order not in candidates or cost < candidates[out_order][0]:
+                            matmul = Matmul(step, source, x_order, out_order, blocks, rows, sums, made)
+                            candidates[out_order] = (cost, (*done, matmul))
+        best = candidates
+    end = (TOKEN, *program.out_modes)
+    seconds, matmuls = min(((cost + _copy_seconds(order, end, sizes, training), done)
+                            for order, (cost, done) in best.items()), key=lambda pair: pair[0])
+    return matmuls, seconds
+
+
+def _show(modes) -> str:
+    return "(" + ",".join("T" if m == TOKEN else m for m in modes) + ")"
