@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --dims 4096 --tokens 16384
     python benchmarks/kernels.py --resources           # no GPU needed: compile every kernel
                                                        # config for sm_90, registers/spills/smem
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --dry-run --dims 4096   # every case once, CPU
 
 Timing: for each d in --dims (square d x d layers, no bias), tokens in --tokens and structure
 (Monarch with its default, about sqrt(d), blocks: 32, 64, 64, 128 for d = 1024..8192; BTT rank
@@ -75,7 +76,7 @@ def time_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100)
 
 
-def measure(layer, dense, tokens: int, with_backward: bool) -> dict:
+def measure(layer, dense, tokens: int, with_backward: bool, timer=None) -> dict:
     """Milliseconds of the fused kernel, the torch path and dense for one pass."""
     x = torch.randn(tokens, layer.in_features, device=layer.W0.device, dtype=layer.W0.dtype)
     grad_y = torch.randn(tokens, layer.out_features, device=x.device, dtype=x.dtype)
@@ -92,9 +93,34 @@ def measure(layer, dense, tokens: int, with_backward: bool) -> dict:
                 y.backward(grad_y)
         return step
 
+    timer = timer or time_ms
     with torch.set_grad_enabled(with_backward):
-        return {"fused_ms": time_ms(run(layer, "triton")), "torch_ms": time_ms(run(layer, "torch")),
-                "dense_ms": time_ms(run(dense, "torch"))}
+        return {"fused_ms": timer(run(layer, "triton")), "torch_ms": timer(run(layer, "torch")),
+                "dense_ms": timer(run(dense, "torch"))}
+
+
+def dry_run(args):
+    """Every case of the grid once on CPU, 16 tokens, fused kernels under Triton's interpreter
+    (TRITON_INTERPRET=1): checks the layers, the paths and the roofline count; times nothing."""
+    from structlayers.kernels import INTERPRET
+
+    if not INTERPRET:
+        sys.exit("--dry-run runs the kernels on CPU: set TRITON_INTERPRET=1")
+    cases = 0
+    for d in args.dims:
+        for structure in args.structures:
+            layer = build_layer(structure, d, "cpu", torch.float32)
+            dense = torch.nn.Linear(d, d, bias=False)
+            for with_backward in (False, True):
+                ms = measure(layer, dense, 16, with_backward, timer=_once)
+                assert roofline_bytes(layer, max(args.tokens), with_backward, 2) > 0 and len(ms) == 3
+                cases += 1
+    print(f"dry run: {cases} cases ran once on CPU (fused, torch, dense); nothing timed")
+
+
+def _once(fn) -> float:
+    fn()
+    return float("nan")
 
 
 def run_timings(args):
@@ -220,8 +246,15 @@ def main():
     parser.add_argument("--resources", action="store_true",
                         help="compile every kernel config for sm_90 and report registers, spills and "
                              "shared memory (runs on CPU, no GPU)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every case once on CPU under TRITON_INTERPRET=1; time nothing")
     args = parser.parse_args()
-    run_resources(args) if args.resources else run_timings(args)
+    if args.resources:
+        run_resources(args)
+    elif args.dry_run:
+        dry_run(args)
+    else:
+        run_timings(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .bench import DEFAULT_SPECS, format_table, machine, run_bench, write_results
+import torch
+
+from .bench import DEFAULT_SPECS, DTYPES, MODES, format_table, machine, run_bench, write_results
 from .sizes import check_size
 from .spec import build
 from .training import STRUCTURES
@@ -25,8 +27,9 @@ def _bench(args):
     specs = args.specs or list(DEFAULT_SPECS)
     for spec in specs:  # bad specs fail here, before anything is timed
         build(spec, args.d, args.hidden)
-    rows = run_bench(args.d, args.hidden, args.tokens, specs, args.repeats, progress=not args.quiet)
-    title = f"Structures vs dense: {args.d} -> {args.hidden} -> {args.d}, {args.tokens} tokens"
+    rows = run_bench(args.d, args.hidden, args.tokens, specs, args.repeats, progress=not args.quiet,
+                     dtype=args.dtype, modes=args.modes)
+    title = f"Structures vs dense nn.Linear: {args.d} -> {args.hidden} -> {args.d}, {args.tokens} tokens"
     print(f"{title}\n{machine()}\n\n{format_table(rows)}")
     if args.out:
         for path in write_results(rows, Path(args.out), title):
@@ -79,6 +82,21 @@ def _show(args):
     print(f"params={layer.num_params:,}  flops/token={layer.flops(1):,}  "
           f"dense params={args.in_features * args.out_features + args.out_features:,}")
     print(_gpu_path(layer))
+    print(_cpu_path(layer, args.tokens))
+
+
+def _cpu_path(layer, tokens: int) -> str:
+    """The torch path's execution plan at `tokens`, and what it does with bf16/fp16 here."""
+    from .execute import _half_is_slow
+    from .plan import make_plan
+
+    text = f"torch path: {make_plan(layer.program, tokens).describe()}"
+    slow = [str(dt).removeprefix("torch.") for dt in (torch.bfloat16, torch.float16)
+            if _half_is_slow(dt)]
+    if slow:
+        text += (f"\n  {' and '.join(slow)} inputs on this CPU: the matmuls run in float32 (its "
+                 f"{'/'.join(slow)} batched matmul is slower), the output is rounded back")
+    return text
 
 
 def _gpu_path(layer) -> str:
@@ -143,6 +161,10 @@ def make_parser() -> argparse.ArgumentParser:
                        help=f"structures to compare, the first is the reference "
                             f"(default: {' '.join(DEFAULT_SPECS)})")
     bench.add_argument("--repeats", type=_positive, default=3, help="timed runs (median)")
+    bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                       help="layers: parameter and activation dtype (float32)")
+    bench.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                       help="layers: fwd, fwd+bwd and/or inference (no_grad) (all three)")
     bench.add_argument("--quick", action="store_true",
                        help="small sizes (layers: 256 -> 1024, 512 tokens; compute/lr: few "
                             "structures, widths and steps) for a fast smoke run")
@@ -164,10 +186,13 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
 
-    show = commands.add_parser("show", help="print a layer's cores, fans, einsums, params, FLOPs")
+    show = commands.add_parser(
+        "show", help="print a layer's cores, fans, einsums, params, FLOPs and execution plan")
     show.add_argument("spec", help='e.g. "btt:rank=2"')
     show.add_argument("in_features", type=_positive)
     show.add_argument("out_features", type=_positive)
+    show.add_argument("--tokens", type=_positive, default=2048,
+                      help="token count whose execution plan to print (2048)")
     show.set_defaults(run=_show)
 
     search = commands.add_parser(

@@ -1,32 +1,30 @@
 """Execution plans: how a program's contractions run fast, derived once and cached.
 
-A `Program` says what to contract; a `Plan` says how, for one (program, token bucket, dtype):
+A `Program` says what to contract; a `Plan` says how, for one (program, token bucket, training or
+inference):
 
-- order: the activation meets the cores in the cheapest order of the tensor network
-  x(T, *in_modes), core_0, ..., core_n -> y(T, *out_modes) that opt_einsum finds (for TT the
-  fixed step order can cost 2x the FLOPs); cores it pairs with each other are merged first
-  (small, once per call, not per token);
+- order: the activation absorbs the cores in the order with the fewest FLOPs (`_order`; for TT
+  1024 -> 4096 the fixed step order costs 1.9x the best, which runs the cores from the other end);
 - layouts: every activation-core contraction is one strided batched matmul
   out[b, m, n] = x[b, m, k] @ core[b, k, n] over the modes it carries as blocks (b), as rows (m:
   the tokens and the modes the core does not touch), sums (k) and produces (n). The activation is
-  read in place when each of those groups is one run of its physical modes; its output is written
-  in the physical order the next matmul reads (chosen by `_layouts`, a shortest path over orders
-  with the cost model below), and only where no order can be read in place is it copied, the
-  cheapest way (a per-token transpose is cached, a transpose across tokens is not). The cores,
-  being small, are reordered freely.
+  read in place when each of those groups is one run of its physical modes; the output is written
+  in whatever physical order the next matmul reads best (`_layouts`: a shortest path over the
+  orders, priced by the cost model below, backward matmuls included when training), and it is
+  copied only where that is cheaper than a slow layout or no order can be read in place. The
+  cores, being small, are reordered freely.
 
-`structlayers show` prints a plan (`Plan.describe`). The cost model's rates are rough fp32 CPU
-numbers (measured on the 2-core dev machine: batched matmuls of 32-128-wide blocks at 80-120
-GFLOP/s, copies at 60 GB/s contiguous, 17 GB/s as per-token transposes, 4-6 GB/s across tokens);
-only their ratios steer the choice, and every choice computes the same map.
+`structlayers show` prints a plan (`Plan.describe`). The cost model's numbers were measured on the
+2-core dev machine (fp32, preallocated outputs): batched matmuls of 32-128-wide blocks run at
+40-120 GFLOP/s depending on layout (`_LAYOUT_EFFICIENCY`), copies at 67 GB/s contiguous, 20 GB/s
+moving rows of 16+ elements, 17 GB/s as per-token transposes, 5 GB/s across tokens. Only the
+ratios steer the choice, and every choice computes the same map.
 """
 
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import permutations, product
 from math import prod
-
-import opt_einsum
 
 from .program import Program, Step, make_step
 
@@ -35,18 +33,7 @@ TOKEN = "_T"  # the token mode in physical orders
 _GEMM_RATE = 190e9       # FLOP/s of a large fp32 GEMM
 _COPY_RATES = {"same": 67e9, "chunks": 20e9, "per token": 17e9, "across tokens": 5e9}  # bytes/s
 _CALL_SECONDS = 10e-6    # fixed cost of one torch call from Python
-
-
-@dataclass(frozen=True)
-class Merge:
-    """Contract two cores into one before the activation meets it: `equation` on (a, b)."""
-
-    name: str
-    a: str
-    b: str
-    modes: tuple[str, ...]
-    equation: str
-    flops: int
+_BEAM = 24               # activation orders kept between matmuls (the cheapest so far)
 
 
 @dataclass(frozen=True)
@@ -75,7 +62,7 @@ class Matmul:
 
 @dataclass(frozen=True)
 class Plan:
-    """Merges (core with core), then matmuls (activation with core), then the output's order.
+    """The matmuls (activation with core, in the searched order), then the output's order.
 
     The input is x (T, *program.in_modes) contiguous; the last matmul writes `out_order`, copied
     to (T, *program.out_modes) when it differs.
@@ -84,7 +71,6 @@ class Plan:
     program: Program
     tokens: int  # the bucket (a power of two) the plan was derived for
     training: bool  # planned for forward+backward (else for a forward alone)
-    merges: tuple[Merge, ...]
     matmuls: tuple[Matmul, ...]
     seconds: float  # the cost model's estimate of one forward (+ backward when training)
 
@@ -93,14 +79,13 @@ class Plan:
         return (TOKEN, *self.program.out_modes)
 
     def flops(self, tokens: int) -> int:
-        """Forward matmul FLOPs of this plan for `tokens` rows (merges counted once)."""
-        return sum(m.flops for m in self.merges) + sum(mm.step.flops(tokens) for mm in self.matmuls)
+        """Forward matmul FLOPs of this plan for `tokens` rows."""
+        return sum(mm.step.flops(tokens) for mm in self.matmuls)
 
     def describe(self) -> str:
         kind = "forward+backward" if self.training else "forward"
         lines = [f"plan for {self.tokens} tokens, {kind} (cost model: {self.seconds * 1e3:.3f} ms "
                  f"in fp32 on the dev CPU):"]
-        lines += [f"  merge {m.a} * {m.b} -> {m.name}  ({m.equation})" for m in self.merges]
         for mm in self.matmuls:
             copy = f"copy {_show(mm.source)} -> {_show(mm.x_order)}, " if mm.copies_input else ""
             lines.append(f"  {mm.step.core}: {copy}bmm blocks={_show(mm.blocks)} rows={_show(mm.rows)} "
@@ -124,53 +109,45 @@ def make_plan(program: Program, tokens: int, training: bool = True) -> Plan:
 @lru_cache(maxsize=1024)
 def _plan(program: Program, tokens: int, training: bool) -> Plan:
     sizes = dict(program.sizes) | {TOKEN: tokens}
-    merges, steps = _order(program, tokens)
-    matmuls, seconds = _layouts(steps, program, sizes, training)
-    return Plan(program, tokens, training, merges, matmuls, seconds)
+    matmuls, seconds = _layouts(_order(program), program, sizes, training)
+    return Plan(program, tokens, training, matmuls, seconds)
 
 
 # --- order ---------------------------------------------------------------------------------------
-def _order(program: Program, tokens: int) -> tuple[tuple[Merge, ...], tuple[Step, ...]]:
-    """The step order, or opt_einsum's optimal order where it needs fewer FLOPs at `tokens`."""
-    if len(program.steps) <= 2:
-        return (), program.steps
+def _order(program: Program) -> tuple[Step, ...]:
+    """The order in which the activation absorbs the cores with the fewest FLOPs per token.
+
+    A shortest path over the sets of cores absorbed so far (2^cores states): the activation's
+    modes after absorbing a set are the input's and the set's modes that the output or a core
+    still to come needs. Only cores that share a mode with the activation are absorbed (no outer
+    products). Ties keep the program's own step order. Cores never meet each other first, so
+    the FLOPs stay linear in the tokens.
+    """
+    cores = {s.core: s.core_modes for s in program.steps}
     sizes = dict(program.sizes)
-    symbol = {m: opt_einsum.get_symbol(k + 1) for k, (m, _) in enumerate(program.sizes)}
-    x_sub = opt_einsum.get_symbol(0) + "".join(symbol[m] for m in program.in_modes)
-    subs = [x_sub, *("".join(symbol[m] for m in s.core_modes) for s in program.steps)]
-    out_sub = opt_einsum.get_symbol(0) + "".join(symbol[m] for m in program.out_modes)
-    shapes = [(tokens, *program.in_shape), *(s.core_shape for s in program.steps)]
-    path, _ = opt_einsum.contract_path(f"{','.join(subs)}->{out_sub}", *shapes, shapes=True,
-                                       optimize="optimal" if len(shapes) <= 7 else "auto")
-    # operands: (name or None for the activation, modes)
-    operands = [(None, program.in_modes), *((s.core, s.core_modes) for s in program.steps)]
-    merges, steps = [], []
-    for pair in path:
-        picked = [operands[k] for k in sorted(pair, reverse=True)]
-        for k in sorted(pair, reverse=True):
-            operands.pop(k)
-        rest = {m for _, modes in operands for m in modes} | set(program.out_modes)
-        (name_a, modes_a), (name_b, modes_b) = picked
-        kept = tuple(dict.fromkeys(m for m in (*modes_a, *modes_b) if m in rest))
-        if name_a is None or name_b is None:  # the activation meets a (possibly merged) core
-            x_modes, (core, core_modes) = (modes_a, picked[1]) if name_a is None else (modes_b, picked[0])
-            steps.append(make_step(core, x_modes, core_modes, kept, sizes))
-            operands.append((None, kept))
-        else:
-            name = f"{name_b}*{name_a}"
-            letters = {m: opt_einsum.get_symbol(k) for k, m in enumerate(dict.fromkeys((*modes_a, *modes_b)))}
-            equation = (f"{''.join(letters[m] for m in modes_b)},{''.join(letters[m] for m in modes_a)}"
-                        f"->{''.join(letters[m] for m in kept)}")
-            flops = 2 * prod(sizes[m] for m in letters)
-            merges.append(Merge(name, name_b, name_a, kept, equation, flops))
-            operands.append((name, kept))
-    (_, final), = operands
-    if set(final) != set(program.out_modes):
-        raise AssertionError(f"contraction order ends with modes {final}, not {program.out_modes}")
-    planned = (tuple(merges), tuple(steps))
-    step_flops = program.flops(tokens)
-    merged_flops = sum(m.flops for m in merges) + sum(s.flops(tokens) for s in steps)
-    return planned if merged_flops < step_flops else ((), program.steps)
+    out = set(program.out_modes)
+
+    def modes_after(absorbed):
+        needed = out | {m for name, modes in cores.items() if name not in absorbed for m in modes}
+        have = dict.fromkeys((*program.in_modes, *(m for n in cores if n in absorbed for m in cores[n])))
+        return tuple(m for m in have if m in needed)
+
+    best = {frozenset(): (0, ())}  # absorbed set -> (flops per token, steps)
+    for _ in cores:
+        grown = {}
+        for absorbed, (flops, steps) in best.items():
+            x_modes = modes_after(absorbed)
+            for name, core_modes in cores.items():
+                if name in absorbed or not set(core_modes) & set(x_modes):
+                    continue
+                after = absorbed | {name}
+                step = make_step(name, x_modes, core_modes, modes_after(after), sizes)
+                cost = flops + step.flops(1)
+                if after not in grown or cost < grown[after][0]:
+                    grown[after] = (cost, (*steps, step))
+        best = grown
+    (flops, steps), = best.values()
+    return steps if flops < program.flops(1) else program.steps
 
 
 # --- layouts -------------------------------------------------------------------------------------
@@ -202,14 +179,15 @@ def _readable(order, blocks, rows, sums, sizes) -> tuple | None:
     return tuple(ordered)
 
 
-def _orders(parts) -> list[tuple[str, ...]]:
-    """Every order that keeps each part one run (any order of parts and within each part)."""
-    nonempty = [p for p in parts if p]
-    found = []
-    for part_order in permutations(nonempty):
-        for inner in product(*(permutations(p) for p in part_order)):
-            found.append(tuple(m for p in inner for m in p))
-    return found
+def _orders(parts, source) -> list[tuple[str, ...]]:
+    """The orders that keep each part one run: any order of the parts; within a part of up to
+    two modes either order, in a longer one the `source` order (a copy that keeps neighbours
+    together moves longer chunks)."""
+    where = {m: k for k, m in enumerate(source)}
+    inner = [list(permutations(p)) if len(p) <= 2 else [tuple(sorted(p, key=where.__getitem__))]
+             for p in parts if p]
+    return [tuple(m for p in chosen for m in p) for part_order in permutations(inner)
+            for chosen in product(*part_order)]
 
 
 def _group_orders(parts, sizes) -> list[tuple[str, ...]]:
@@ -292,7 +270,8 @@ def _layouts(steps, program: Program, sizes: dict, training: bool) -> tuple[tupl
 
     States are the activation's physical order between matmuls; from each, a matmul reads it in
     place if it can, else copies it to an order it can read; it writes any order whose groups are
-    runs. The input is (T, *in_modes); the output must end as (T, *out_modes).
+    runs. The input is (T, *in_modes); the output must end as (T, *out_modes). The _BEAM
+    cheapest states survive each matmul, so many-core programs plan in milliseconds.
     """
     start = (TOKEN, *program.in_modes)
     best = {start: (0.0, ())}  # order -> (seconds, matmuls so far)
@@ -305,23 +284,28 @@ def _layouts(steps, program: Program, sizes: dict, training: bool) -> tuple[tupl
                 reads = [(source, read, 0.0)]
             else:
                 reads = []
-                for order in _orders((g["blocks"], g["rows"], g["sums"])):
+                for order in _orders((g["blocks"], g["rows"], g["sums"]), source):
                     grouped = _readable(order, g["blocks"], g["rows"], g["sums"], sizes)
                     if grouped is not None:
                         reads.append((order, grouped, _copy_seconds(source, order, sizes, training)))
             for x_order, (blocks, rows, sums), copy in reads:
-                for made in permutations(g["made"]):
+                for made in _made_orders(g["made"]):
                     for out_order in _group_orders((blocks, rows, made), sizes):
                         cost = seconds + copy + _matmul_seconds(x_order, out_order, blocks, rows, sums,
                                                                 made, sizes, training)
                         if out_order not in candidates or cost < candidates[out_order][0]:
                             matmul = Matmul(step, source, x_order, out_order, blocks, rows, sums, made)
                             candidates[out_order] = (cost, (*done, matmul))
-        best = candidates
+        best = dict(sorted(candidates.items(), key=lambda item: item[1][0])[:_BEAM])
     end = (TOKEN, *program.out_modes)
     seconds, matmuls = min(((cost + _copy_seconds(order, end, sizes, training), done)
                             for order, (cost, done) in best.items()), key=lambda pair: pair[0])
     return matmuls, seconds
+
+
+def _made_orders(made) -> list[tuple[str, ...]]:
+    """Orders to try for the modes a matmul makes: all of them for up to 3 modes."""
+    return list(permutations(made)) if len(made) <= 3 else [tuple(made)]
 
 
 def _show(modes) -> str:

@@ -31,11 +31,11 @@ def backend(name: str):
 
     "torch": the execution plans (plan.py: strided batched matmuls in chosen layouts, a custom
     backward) on every layer. "einsum": one torch.einsum per step, the reference the plans are
-    tested against (and what a precision policy or torch.compile runs). "triton": the fused Triton kernels on every
-    layer that has one (2-core Monarch/BTT), the torch path elsewhere; inputs the kernels cannot
-    take raise an error. "auto" (the default): the kernels for CUDA inputs of a dtype they support
-    when Triton is installed, else torch. A layer with a precision policy always runs the torch
-    path, where the policy hooks in.
+    tested against (and what a precision policy or torch.compile runs). "triton": the fused Triton
+    kernels on every layer that has one (2-core Monarch/BTT), the torch path elsewhere; inputs the
+    kernels cannot take raise an error. "auto" (the default): the kernels for CUDA inputs of a
+    dtype they support when Triton is installed, else torch. A layer with a precision policy
+    always runs the einsum path, where the policy hooks in.
     """
     global _backend
     if name not in _BACKENDS:

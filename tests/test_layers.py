@@ -483,7 +483,8 @@ def test_prime_sizes_pad_cheaply(spec, prime):
     assert layer.padded_in <= 1.05 * prime and layer.padded_out <= 1.05 * prime
     assert f"padded=({prime}->{layer.padded_in} in, {prime}->{layer.padded_out} out)" in repr(layer)
     assert "padded" not in repr(neighbour)
-    assert layer.flops(1) <= 1.20 * neighbour.flops(1)
+    # the step order's FLOPs: the plans' reordering (plan.py) changes both sides differently
+    assert layer.program.flops(1) <= 1.20 * neighbour.program.flops(1)
     assert layer(torch.randn(2, prime)).shape == (2, prime)
 
 

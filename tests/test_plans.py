@@ -1,0 +1,257 @@
+"""Execution plans (structlayers/plan.py, execute.py) against the reference einsum program."""
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import structlayers as sl
+from structlayers import buffers
+from structlayers.plan import make_plan
+from structlayers.precision.policy import Policy
+
+
+def outputs_and_grads(layer, x, grad_y, backend):
+    """y, grad x (None if x needs none) and the grad of every parameter that needs one."""
+    x = x.detach().requires_grad_(x.requires_grad)
+    layer.zero_grad(set_to_none=True)
+    with sl.backend(backend):
+        y = layer(x)
+    y.backward(grad_y)
+    grads = [None if p.grad is None else p.grad.clone() for p in layer.parameters()]
+    return y.detach(), x.grad, grads
+
+
+def assert_plan_matches_einsum(layer, x, atol=1e-10):
+    torch.manual_seed(1)
+    grad_y = torch.randn(*x.shape[:-1], layer.out_features, dtype=x.dtype)
+    y_ref, gx_ref, g_ref = outputs_and_grads(layer, x, grad_y, "einsum")
+    y, gx, g = outputs_and_grads(layer, x, grad_y, "torch")
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=0)
+    if gx_ref is None:
+        assert gx is None
+    else:
+        torch.testing.assert_close(gx, gx_ref, atol=atol, rtol=0)
+    for a, b in zip(g, g_ref, strict=True):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+STRUCTURE = st.one_of(
+    st.builds(lambda r, d: f"btt:rank={r},cores={d}", st.integers(1, 3), st.integers(2, 4)),
+    st.builds(lambda r, d: f"tt:cores={d},rank={r}", st.integers(1, 4), st.integers(2, 4)),
+    st.builds(lambda f, d: f"tucker:rank={f},modes={d}", st.sampled_from([0.1, 0.3, 0.6]),
+              st.integers(2, 3)),
+    st.builds(lambda r: f"lowrank:rank={r}", st.integers(1, 6)),
+    st.sampled_from(["dense", "monarch", "kronecker"]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=STRUCTURE, i=st.integers(6, 130), o=st.integers(6, 130),
+       lead=st.sampled_from([(0,), (1,), (7,), (3, 5), (2, 0, 3)]), bias=st.booleans(),
+       transposed=st.booleans(), seed=st.integers(0, 3))
+def test_plans_match_the_einsum_program(spec, i, o, lead, bias, transposed, seed):
+    """Forward and every gradient, float64, any sizes (padding included), ranks, core counts,
+    batch dims, empty batches, and non-contiguous inputs."""
+    torch.manual_seed(seed)
+    try:
+        layer = sl.build(spec, i, o, bias=bias, dtype=torch.float64)
+    except ValueError as error:  # a rank above what these sizes allow: not a plan question
+        assume("out of range" not in str(error))
+        raise
+    x = torch.randn(*lead, i, dtype=torch.float64)
+    if transposed and len(lead) == 2:
+        x = torch.randn(i, *lead, dtype=torch.float64).movedim(0, -1)  # strides are not contiguous
+        assert not x.is_contiguous()
+    x.requires_grad_(True)
+    assert_plan_matches_einsum(layer, x)
+
+
+@pytest.mark.parametrize("spec,i,o", [("monarch", 1024, 4096), ("btt:rank=2", 4096, 1024),
+                                      ("btt:rank=2,cores=3", 1024, 4096),
+                                      ("tt:cores=3,rank=8", 1024, 4096),
+                                      ("tucker:rank=0.05", 4096, 1024)])
+def test_plans_match_at_the_benchmark_sizes(spec, i, o):
+    """The layouts chosen for big token counts (the ones the benchmark times) are exact too."""
+    layer = sl.build(spec, i, o, dtype=torch.float64)
+    assert_plan_matches_einsum(layer, torch.randn(1024, i, dtype=torch.float64, requires_grad=True),
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", ["monarch", "btt:rank=2,cores=3", "tt:cores=3,rank=2",
+                                  "tucker:rank=0.3", "lowrank:rank=3"])
+def test_plan_gradcheck(spec):
+    layer = sl.build(spec, 12, 18, dtype=torch.float64)
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    params = tuple(layer.parameters())
+
+    def f(x, *cores):
+        for p, c in zip(params, cores, strict=True):
+            p.data = c.detach()
+        with sl.backend("torch"):
+            return torch.func.functional_call(layer, dict(zip(
+                [n for n, _ in layer.named_parameters()], cores, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *(p.detach().clone().requires_grad_(True) for p in params)))
+
+
+@pytest.mark.parametrize("spec", ["btt:rank=2,cores=3", "tt:cores=3,rank=3", "tucker:rank=0.3"])
+def test_frozen_cores_and_inputs_without_grad(spec):
+    """Frozen cores get no gradient (their matmuls are skipped), the others the reference's."""
+    layer = sl.build(spec, 40, 60, dtype=torch.float64)
+    names = [n for n, _ in layer.named_parameters() if n != "bias"]
+    getattr(layer, names[0]).requires_grad_(False)
+    getattr(layer, names[-1]).requires_grad_(False)
+    assert_plan_matches_einsum(layer, torch.randn(9, 40, dtype=torch.float64))  # x: no grad
+    assert getattr(layer, names[0]).grad is None
+
+
+def test_frozen_cores_skip_their_matmuls():
+    """A frozen layer fed data that needs no gradient runs no backward matmul at all, and one whose
+    only trainable core is the last skips every input-gradient matmul."""
+    layer = sl.BTT(256, 256, rank=2, cores=3)
+    x = torch.randn(64, 256)
+
+    def counted(train):
+        for name, p in layer.named_parameters():
+            p.requires_grad_(name in train)
+        with FlopCounterMode(display=False) as counter:
+            y = layer(x)
+            if y.requires_grad:
+                y.sum().backward()
+        return counter.get_total_flops()
+
+    forward = layer.flops(64)
+    assert counted(set()) == forward
+    assert counted({"W2"}) == forward + make_plan(layer.program, 64).matmuls[-1].step.flops(64)
+
+
+@pytest.mark.parametrize("spec", ["monarch", "btt:rank=2,cores=3", "tt:cores=3,rank=8",
+                                  "tucker:rank=0.1", "lowrank:rank=16"])
+def test_inference_path_equals_training_path(spec):
+    layer = sl.build(spec, 256, 512)
+    x = torch.randn(33, 256)
+    training = layer(x)
+    with torch.no_grad():
+        no_grad = layer(x)
+    with torch.inference_mode():
+        inference = layer(x)
+    assert training.grad_fn is not None and no_grad.grad_fn is None
+    torch.testing.assert_close(no_grad, training.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(inference, training.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", ["monarch", "btt:rank=2,cores=3", "tt:cores=3,rank=4",
+                                  "tucker:rank=0.2"])
+def test_half_precision_within_the_einsum_paths_error(spec, dtype):
+    """bf16/fp16 plans are at least as accurate (vs float64) as the einsum path in the same dtype."""
+    torch.manual_seed(0)
+    exact = sl.build(spec, 128, 192, dtype=torch.float64)
+    half = sl.build(spec, 128, 192, dtype=dtype)
+    half.load_state_dict(exact.state_dict())
+    exact.load_state_dict(half.state_dict())  # both hold the same half-representable values
+    x = torch.randn(50, 128, dtype=dtype)
+    reference = exact(x.double())
+    scale = reference.abs().max()
+    errors = {}
+    for backend in ("einsum", "torch"):
+        with sl.backend(backend):
+            y = half(x)
+        assert y.dtype == dtype
+        errors[backend] = ((y.double() - reference).abs().max() / scale).item()
+    assert errors["torch"] <= 1.5 * errors["einsum"] + 1e-3
+
+
+def test_the_policy_path_sees_every_contraction():
+    """A layer with a precision policy runs `program.contract` for every core, as before."""
+
+    class Counting(Policy):
+        def __init__(self):
+            self.cores = []
+
+        def contract(self, x, core, step):
+            self.cores.append(step.core)
+            return torch.einsum(step.equation, x, core)
+
+    layer = sl.TT(64, 64, cores=3, rank=4)
+    layer.precision = Counting()
+    with sl.backend("torch"):
+        layer(torch.randn(8, 64))
+    assert layer.precision.cores == ["G0", "G1", "G2"]
+
+
+def test_compile_fullgraph_with_plans():
+    layer = sl.BTT(64, 96, rank=2, cores=3)
+    x = torch.randn(16, 64, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64])
+def test_unsupported_dtypes_raise(dtype):
+    layer = sl.Monarch(16, 16)
+    with pytest.raises(TypeError, match=str(dtype).removeprefix("torch.")):
+        layer(torch.ones(2, 16, dtype=dtype))
+
+
+def test_mismatched_dtype_raises():
+    layer = sl.BTT(16, 16)
+    with pytest.raises(TypeError, match="float64"):
+        layer(torch.ones(2, 16, dtype=torch.float64))
+
+
+def test_tt_plan_is_cheaper_than_the_step_order_and_counts_what_runs():
+    """The searched order needs fewer FLOPs than the fixed step order for TT 1024 -> 4096
+    (hand count below), and `flops` reports what FlopCounterMode sees the forward do."""
+    layer = sl.TT(1024, 4096, cores=3, rank=8)
+    (i0, i1, i2), (o0, o1, o2), r = layer.in_factors, layer.out_factors, 8
+    step_order = 2 * (i0 * o0 * r * i1 * i2 + o0 * r * i1 * o1 * r * i2 + o0 * o1 * r * i2 * o2)
+    assert layer.program.flops(1) == step_order
+    assert layer.flops(256) < 0.6 * layer.program.flops(256)
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.randn(256, 1024))
+    assert counter.get_total_flops() == layer.flops(256)
+
+
+def test_pooled_buffers_are_never_shared_while_held():
+    first = buffers.empty((1000,), torch.float32, torch.device("cpu"))
+    second = buffers.empty((1000,), torch.float32, torch.device("cpu"))
+    assert first.data_ptr() != second.data_ptr()  # first is still held
+    pointer = first.data_ptr()
+    view = first[10:]
+    del first
+    third = buffers.empty((1000,), torch.float32, torch.device("cpu"))
+    assert third.data_ptr() != pointer  # a view still holds the storage
+    del view, third
+    assert buffers.empty((1000,), torch.float32, torch.device("cpu")).data_ptr() in (
+        pointer, second.data_ptr())
+
+
+def test_saved_activations_survive_a_second_forward():
+    """Buffers saved for one backward are not reused by another forward before it runs."""
+    layer = sl.BTT(256, 256, rank=2, cores=3, dtype=torch.float64)
+    x1, x2 = (torch.randn(40, 256, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    y1 = layer(x1)
+    y2 = layer(x2)
+    (g1,) = torch.autograd.grad(y1.sum(), x1)
+    (g2,) = torch.autograd.grad(y2.sum(), x2)
+    with sl.backend("einsum"):
+        (r1,) = torch.autograd.grad(layer(x1).sum(), x1)
+        (r2,) = torch.autograd.grad(layer(x2).sum(), x2)
+    torch.testing.assert_close(g1, r1)
+    torch.testing.assert_close(g2, r2)
+
+
+def test_show_prints_the_plan(capsys):
+    from structlayers.cli import main
+
+    assert main(["show", "tt:cores=3,rank=8", "1024", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "plan for 2048 tokens" in out and "bmm" in out
