@@ -160,7 +160,8 @@ def make_parser() -> argparse.ArgumentParser:
     bench.add_argument("--specs", nargs="+", metavar="SPEC",
                        help=f"structures to compare, the first is the reference "
                             f"(default: {' '.join(DEFAULT_SPECS)})")
-    bench.add_argument("--repeats", type=_positive, default=3, help="timed runs (median)")
+    bench.add_argument("--repeats", type=_positive, default=2,
+                       help="timed runs after a warm-up (median; default 2: the main job stays under 2 min)")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                        help="layers: parameter and activation dtype (float32)")
     bench.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
