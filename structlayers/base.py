@@ -116,17 +116,21 @@ class StructuredLinear(nn.Module):
         return {name: core for name, core, _ in self.core_steps}
 
     def _run_padded(self, x: torch.Tensor, cores: dict) -> torch.Tensor:
-        """(T, in_features) -> (T, out_features) through the program, padding and cropping."""
+        """(T, in_features) -> (T, out_features) through the program, padding and cropping, plus
+        the bias (which the plans add in place, into their own output buffer)."""
         if self.padded_in != self.in_features:
             x = F.pad(x, (0, self.padded_in - self.in_features))
         if self.precision is None and uses_plans():
             training = torch.is_grad_enabled() and (
                 x.requires_grad or any(c.requires_grad for c in cores.values()))
-            y = run_plan(make_plan(self.program, x.shape[0], training), x, cores)
+            bias = self.bias if self.padded_out == self.out_features else None
+            y = run_plan(make_plan(self.program, x.shape[0], training), x, cores, bias)
         else:
-            y = run(self.program, x, cores, self.precision)
+            y, bias = run(self.program, x, cores, self.precision), None
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
+        if self.bias is not None and bias is None:  # under autocast y is in the autocast dtype
+            y = y + self.bias.to(y.dtype)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +147,6 @@ class StructuredLinear(nn.Module):
             y = kernel(x, self._cores(), self.out_features, self.bias)
         else:
             y = self._run_padded(x, self._cores())
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)  # under autocast y is in the autocast dtype, as nn.Linear's
         return y.reshape(*lead, self.out_features)
 
     def to_dense(self) -> torch.Tensor:

@@ -53,8 +53,9 @@ def _core_operand(core, step, mm) -> torch.Tensor:
         prod(sizes[m] for m in mm.made))
 
 
-def _forward(plan: Plan, x: torch.Tensor, cores, save: bool):
-    """y (T, prod out) and, if `save`, what the backward needs: per matmul (x3, w3)."""
+def _forward(plan: Plan, x: torch.Tensor, bias, cores, save: bool):
+    """y (T, prod out) (+ bias, added in place) and, if `save`, what the backward needs: per
+    matmul (x3, w3)."""
     tokens = x.shape[0]
     sizes = dict(plan.program.sizes) | {TOKEN: tokens}
     h, order, saved = x.view(_shape((TOKEN, *plan.program.in_modes), sizes)), None, []
@@ -68,14 +69,35 @@ def _forward(plan: Plan, x: torch.Tensor, cores, save: bool):
         if save:
             saved.append((x3, w3))
         h, order = out, mm.out_order
-    y = _copy_to(h, order, plan.out_order, sizes)
-    return y.view(tokens, -1), saved
+    y = _copy_to(h, order, plan.out_order, sizes).view(tokens, -1)
+    if bias is not None:  # into the plan's own buffer: a fresh (T, out) sum costs page faults
+        y.add_(bias)
+    return y, saved
+
+
+def _core_grad(x3, g3, mm, sizes) -> torch.Tensor:
+    """The core's gradient in the core's own mode order: x3^T @ g3 (b, k, n), or g3^T @ x3
+    (b, n, k) when the core stores its fan-out before its fan-in (nn.Linear's (out, in)), so that
+    the product is written in place instead of transposed by a copy afterwards."""
+    made_first = (*mm.blocks, *mm.made, *mm.sums)
+    if _same_runs(made_first, mm.step.core_modes, sizes):
+        dw, grouped = torch.bmm(g3.transpose(1, 2), x3), made_first
+    else:
+        dw, grouped = torch.bmm(x3.transpose(1, 2), g3), (*mm.blocks, *mm.sums, *mm.made)
+    return dw.view(_shape(grouped, sizes)).permute(_perm(grouped, mm.step.core_modes))
+
+
+def _same_runs(grouped, core_modes, sizes) -> bool:
+    """Whether `grouped` and `core_modes` order the modes of size > 1 alike (then the permute
+    between them is a view)."""
+    big = [m for m in grouped if sizes[m] > 1]
+    return big == [m for m in core_modes if sizes[m] > 1]
 
 
 class _PlannedContraction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, x, *cores):
-        y, saved = _forward(plan, x, cores, save=True)
+    def forward(ctx, plan, x, bias, *cores):
+        y, saved = _forward(plan, x, bias, cores, save=True)
         ctx.plan, ctx.tokens = plan, x.shape[0]
         ctx.shapes = [core.shape for core in cores]
         ctx.save_for_backward(*(t for pair in saved for t in pair))
@@ -86,9 +108,10 @@ class _PlannedContraction(torch.autograd.Function):
         plan, tokens = ctx.plan, ctx.tokens
         sizes = dict(plan.program.sizes) | {TOKEN: tokens}
         saved = ctx.saved_tensors
-        needs_core = ctx.needs_input_grad[2:]
+        needs_core = ctx.needs_input_grad[3:]
         # the input gradient of matmul j is needed if x or any core before j needs a gradient
         needs_input = [ctx.needs_input_grad[1] or any(needs_core[:j]) for j in range(len(needs_core))]
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
         g = grad.contiguous().view(_shape(plan.out_order, sizes))
         g = _copy_to(g, plan.out_order, plan.matmuls[-1].out_order, sizes)
         grads = [None] * len(plan.matmuls)
@@ -96,10 +119,7 @@ class _PlannedContraction(torch.autograd.Function):
             mm, (x3, w3) = plan.matmuls[j], saved[2 * j: 2 * j + 2]
             g3 = _as_bmm(g, mm.out_order, (mm.blocks, mm.rows, mm.made), sizes)
             if needs_core[j]:
-                dw = torch.bmm(x3.transpose(1, 2), g3)  # (b, k, n)
-                grouped = (*mm.blocks, *mm.sums, *mm.made)
-                dw = dw.view(_shape(grouped, sizes)).permute(_perm(grouped, mm.step.core_modes))
-                grads[j] = dw.reshape(ctx.shapes[j])
+                grads[j] = _core_grad(x3, g3, mm, sizes).reshape(ctx.shapes[j])
             if not needs_input[j]:
                 g = None
                 break
@@ -108,30 +128,36 @@ class _PlannedContraction(torch.autograd.Function):
                                                             sizes))
             g = _copy_to(dx, mm.x_order, mm.source, sizes)
         grad_x = g.view(tokens, -1) if ctx.needs_input_grad[1] else None
-        return None, grad_x, *grads
+        return None, grad_x, grad_bias, *grads
 
 
-def run_plan(plan: Plan, x: torch.Tensor, cores: dict) -> torch.Tensor:
-    """x (T, prod(in_shape)) -> (T, prod(out sizes)) through `plan`; cores: name -> parameter."""
+def run_plan(plan: Plan, x: torch.Tensor, cores: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, prod(in_shape)) -> (T, prod(out sizes)) (+ bias, of the program's full output
+    width) through `plan`; cores: name -> parameter."""
     if x.shape[0] == 0:  # no tokens: the reference gives the empty output and zero gradients
-        return run(plan.program, x, cores)
+        y = run(plan.program, x, cores)
+        return y if bias is None else y + bias.to(y.dtype)
     operands = [cores[mm.step.core] for mm in plan.matmuls]
     device = x.device.type
     if torch.is_autocast_enabled(device):  # what autocast does to the einsum path's matmuls
         dtype = torch.get_autocast_dtype(device)
         x, operands = x.to(dtype), [c.to(dtype) for c in operands]
+    if bias is not None:
+        bias = bias.to(x.dtype)  # as nn.Linear's: under autocast in the autocast dtype
     dtype = x.dtype
     if any(c.dtype != dtype for c in operands):
         raise TypeError(f"input dtype {dtype} does not match the cores' {operands[0].dtype}: "
                         f"convert the layer (layer.to({dtype})) or the input")
     if dtype in HALF and device == "cpu" and _half_is_slow(dtype):
         x, operands = x.float(), [c.float() for c in operands]
+        bias = None if bias is None else bias.float()
     x = x.contiguous()
+    tensors = [x, *operands] + ([] if bias is None else [bias])
     with torch.autocast(device, enabled=False):
-        if torch.is_grad_enabled() and (x.requires_grad or any(c.requires_grad for c in operands)):
-            y = _PlannedContraction.apply(plan, x, *operands)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            y = _PlannedContraction.apply(plan, x, bias, *operands)
         else:
-            y = _forward(plan, x, operands, save=False)[0]
+            y = _forward(plan, x, bias, operands, save=False)[0]
     return y.to(dtype)
 
 

@@ -110,6 +110,35 @@ def test_frozen_cores_and_inputs_without_grad(spec):
     assert getattr(layer, names[0]).grad is None
 
 
+@pytest.mark.parametrize("spec", ["dense", "monarch", "tt:cores=3,rank=3"])
+def test_only_the_bias_trains(spec):
+    """Frozen cores, an input without grad, a trainable bias: the plan adds the bias into its own
+    output buffer and still gives the bias its gradient (the sum of grad_y over tokens)."""
+    layer = sl.build(spec, 24, 40, dtype=torch.float64)
+    for name, p in layer.named_parameters():
+        p.requires_grad_(name == "bias")
+    x, grad_y = torch.randn(2, 7, 24, dtype=torch.float64), torch.randn(2, 7, 40, dtype=torch.float64)
+    with sl.backend("torch"):
+        y = layer(x)
+    y.backward(grad_y)
+    torch.testing.assert_close(y, x @ layer.to_dense().T + layer.bias, atol=1e-10, rtol=0)
+    torch.testing.assert_close(layer.bias.grad, grad_y.sum((0, 1)), atol=1e-12, rtol=0)
+
+
+def test_bias_goes_into_the_plan_output_without_a_new_tensor():
+    """The forward's output is the plan's own (pooled) buffer with the bias added in place, not
+    a fresh (T, out) sum (whose page faults cost more than the matmuls on CPU)."""
+    layer = sl.Monarch(64, 64)
+    with sl.backend("torch"), torch.no_grad():
+        y = layer(torch.randn(32, 64))
+        ptr = y.untyped_storage().data_ptr()
+        del y
+        y = layer(torch.randn(32, 64))
+    assert y.untyped_storage().data_ptr() == ptr  # the same pooled buffer, reused
+    assert y.untyped_storage().data_ptr() in {b.untyped_storage().data_ptr()
+                                             for bs in buffers._pool.values() for b in bs}
+
+
 def test_frozen_cores_skip_their_matmuls():
     """A frozen layer fed data that needs no gradient runs no backward matmul at all, and one whose
     only trainable core is the last skips every input-gradient matmul."""
