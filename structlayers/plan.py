@@ -3,8 +3,9 @@
 A `Program` says what to contract; a `Plan` says how, for one (program, token bucket, training or
 inference):
 
-- order: the activation absorbs the cores in the order with the fewest FLOPs (`_order`; for TT
-  1024 -> 4096 the fixed step order costs 1.9x the best, which runs the cores from the other end);
+- order: the activation absorbs the cores in an order with the fewest FLOPs, or within 10% of
+  them (`_contraction_orders`; for TT 1024 -> 4096 the fixed step order costs 1.9x the best, which runs the
+  cores from the other end), the one whose layouts the cost model prices cheapest;
 - layouts: every activation-core contraction is one strided batched matmul
   out[b, m, n] = x[b, m, k] @ core[b, k, n] over the modes it carries as blocks (b), as rows (m:
   the tokens and the modes the core does not touch), sums (k) and produces (n). The activation is
@@ -34,6 +35,8 @@ _GEMM_RATE = 190e9       # FLOP/s of a large fp32 GEMM
 _COPY_RATES = {"same": 67e9, "chunks": 20e9, "per token": 17e9, "across tokens": 5e9}  # bytes/s
 _CALL_SECONDS = 10e-6    # fixed cost of one torch call from Python
 _BEAM = 24               # activation orders kept between matmuls (the cheapest so far)
+_ORDERS = 4              # contraction orders the layout search prices
+_FLOP_SLACK = 1.1        # ... each within this factor of the fewest FLOPs
 
 
 @dataclass(frozen=True)
@@ -109,19 +112,23 @@ def make_plan(program: Program, tokens: int, training: bool = True) -> Plan:
 @lru_cache(maxsize=1024)
 def _plan(program: Program, tokens: int, training: bool) -> Plan:
     sizes = dict(program.sizes) | {TOKEN: tokens}
-    matmuls, seconds = _layouts(_order(program), program, sizes, training)
+    laid_out = (_layouts(steps, program, sizes, training) for steps in _contraction_orders(program))
+    matmuls, seconds = min(laid_out, key=lambda matmuls_seconds: matmuls_seconds[1])
     return Plan(program, tokens, training, matmuls, seconds)
 
 
 # --- order ---------------------------------------------------------------------------------------
-def _order(program: Program) -> tuple[Step, ...]:
-    """The order in which the activation absorbs the cores with the fewest FLOPs per token.
+def _contraction_orders(program: Program) -> list[tuple[Step, ...]]:
+    """Orders in which the activation absorbs the cores, fewest FLOPs per token first: those
+    within `_FLOP_SLACK` of the fewest (at most `_ORDERS`), for the layout search to price.
 
-    A shortest path over the sets of cores absorbed so far (2^cores states): the activation's
-    modes after absorbing a set are the input's and the set's modes that the output or a core
-    still to come needs. Only cores that share a mode with the activation are absorbed (no outer
-    products). Ties keep the program's own step order. Cores never meet each other first, so
-    the FLOPs stay linear in the tokens.
+    A shortest path over the sets of cores absorbed so far (2^cores states, the `_ORDERS`
+    cheapest paths kept per state): the activation's modes after absorbing a set are the input's
+    and the set's modes that the output or a core still to come needs. Only cores that share a
+    mode with the activation are absorbed (no outer products). Ties keep the program's own step
+    order first. Cores never meet each other first, so the FLOPs stay linear in the tokens. Orders
+    of equal FLOPs can differ in speed (Tucker: absorbing the input factor of the innermost input
+    mode first reads the input in place, the other one needs a copy of it).
     """
     cores = {s.core: s.core_modes for s in program.steps}
     sizes = dict(program.sizes)
@@ -132,22 +139,25 @@ def _order(program: Program) -> tuple[Step, ...]:
         have = dict.fromkeys((*program.in_modes, *(m for n in cores if n in absorbed for m in cores[n])))
         return tuple(m for m in have if m in needed)
 
-    best = {frozenset(): (0, ())}  # absorbed set -> (flops per token, steps)
+    best = {frozenset(): [(0, ())]}  # absorbed set -> [(flops per token, steps)], cheapest first
     for _ in cores:
         grown = {}
-        for absorbed, (flops, steps) in best.items():
+        for absorbed, paths in best.items():
             x_modes = modes_after(absorbed)
             for name, core_modes in cores.items():
                 if name in absorbed or not set(core_modes) & set(x_modes):
                     continue
                 after = absorbed | {name}
                 step = make_step(name, x_modes, core_modes, modes_after(after), sizes)
-                cost = flops + step.flops(1)
-                if after not in grown or cost < grown[after][0]:
-                    grown[after] = (cost, (*steps, step))
-        best = grown
-    (flops, steps), = best.values()
-    return steps if flops < program.flops(1) else program.steps
+                grown.setdefault(after, []).extend((flops + step.flops(1), (*steps, step))
+                                                   for flops, steps in paths)
+        best = {key: sorted(paths, key=lambda path: path[0])[:_ORDERS] for key, paths in grown.items()}
+    (paths,) = best.values()
+    fewest = min(paths[0][0], program.flops(1))
+    orders = [steps for flops, steps in paths if flops <= fewest * _FLOP_SLACK]
+    if program.flops(1) <= fewest * _FLOP_SLACK and program.steps not in orders:
+        orders.append(program.steps)
+    return orders
 
 
 # --- layouts -------------------------------------------------------------------------------------

@@ -249,6 +249,18 @@ def test_tt_plan_is_cheaper_than_the_step_order_and_counts_what_runs():
     assert counter.get_total_flops() == layer.flops(256)
 
 
+def test_tucker_plan_reads_the_input_in_place():
+    """Both Tucker input factors cost the same FLOPs first; the plan must pick the one over the
+    innermost input mode, which reads x (T, i0, i1) as (T*i0, i1) rows without a copy."""
+    for i, o in ((1024, 4096), (4096, 1024)):
+        layer = sl.build("tucker:rank=0.05", i, o)
+        plan = make_plan(layer.program, 2048, training=False)
+        first = plan.matmuls[0]
+        assert first.step.core == "in_factor1" and not first.copies_input
+        x = torch.randn(64, i, dtype=torch.float64)
+        assert torch.allclose(layer.double()(x), x @ layer.to_dense().T + layer.bias)
+
+
 def test_pooled_buffers_are_never_shared_while_held():
     first = buffers.empty((1000,), torch.float32, torch.device("cpu"))
     second = buffers.empty((1000,), torch.float32, torch.device("cpu"))
