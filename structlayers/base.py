@@ -76,12 +76,14 @@ class StructuredLinear(nn.Module):
 
     def flops(self, tokens: int) -> int:
         """Forward matmul FLOPs (2 x multiply-adds) for `tokens` rows, bias and padding copies
-        excluded, of the path the forward takes (the execution plan's contraction order, which
-        for TT can be cheaper than the step order); what FlopCounterMode reports."""
+        excluded, of the structured contraction the forward runs (the execution plan's order,
+        which for TT can be cheaper than the step order); what FlopCounterMode reports. A tiny
+        layer whose plan materialises W instead (`Plan.materialise`) still reports the
+        structure's FLOPs; `make_plan(layer.program, tokens).flops(tokens)` counts what runs."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
         if tokens and self.precision is None and uses_plans():  # the plan may reorder (TT)
-            return make_plan(self.program, tokens).flops(tokens)
+            return make_plan(self.program, tokens).contraction_flops(tokens)
         return self.program.flops(tokens)
 
     def structure_args(self) -> dict:

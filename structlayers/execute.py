@@ -11,10 +11,11 @@ from functools import lru_cache
 from math import prod
 
 import torch
+import torch.nn.functional as F
 
 from . import buffers
 from .plan import TOKEN, Plan
-from .program import run
+from .program import current_backend, dense, run
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -151,6 +152,11 @@ def run_plan(plan: Plan, x: torch.Tensor, cores: dict, bias: torch.Tensor | None
     if dtype in HALF and device == "cpu" and _half_is_slow(dtype):
         x, operands = x.float(), [c.float() for c in operands]
         bias = None if bias is None else bias.float()
+    if plan.materialise and current_backend() == "auto":
+        # a tiny layer: W from the cores (autograd through opt_einsum), one GEMM
+        with torch.autocast(device, enabled=False):
+            w = dense(plan.program, {mm.step.core: c for mm, c in zip(plan.matmuls, operands, strict=True)})
+            return F.linear(x, w, bias).to(dtype)
     x = x.contiguous()
     tensors = [x, *operands] + ([] if bias is None else [bias])
     with torch.autocast(device, enabled=False):

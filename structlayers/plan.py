@@ -27,7 +27,7 @@ from functools import lru_cache
 from itertools import permutations, product
 from math import prod
 
-from .program import Program, Step, make_step
+from .program import Program, Step, dense_flops, make_step
 
 TOKEN = "_T"  # the token mode in physical orders
 
@@ -76,19 +76,36 @@ class Plan:
     training: bool  # planned for forward+backward (else for a forward alone)
     matmuls: tuple[Matmul, ...]
     seconds: float  # the cost model's estimate of one forward (+ backward when training)
+    materialise: bool = False  # cheaper to build to_dense() and run one F.linear (tiny layers;
+    #                            done under backend "auto", the default; "torch" runs the matmuls)
+    dense_seconds: float = float("inf")  # the cost model's estimate of that
 
     @property
     def out_order(self) -> tuple[str, ...]:
         return (TOKEN, *self.program.out_modes)
 
-    def flops(self, tokens: int) -> int:
-        """Forward matmul FLOPs of this plan for `tokens` rows."""
+    def contraction_flops(self, tokens: int) -> int:
+        """Forward matmul FLOPs of the structured contraction in this plan's order (linear in the
+        tokens; what `StructuredLinear.flops` reports even where the plan materialises)."""
         return sum(mm.step.flops(tokens) for mm in self.matmuls)
+
+    def flops(self, tokens: int) -> int:
+        """Forward matmul FLOPs of what this plan runs for `tokens` rows (materialised: building W
+        along opt_einsum's path, then the GEMM)."""
+        if self.materialise:
+            sizes = dict(self.program.sizes)
+            n_in, n_out = (prod(sizes[m] for m in modes) for modes in (self.program.in_modes,
+                                                                        self.program.out_modes))
+            return dense_flops(self.program) + 2 * tokens * n_in * n_out
+        return self.contraction_flops(tokens)
 
     def describe(self) -> str:
         kind = "forward+backward" if self.training else "forward"
         lines = [f"plan for {self.tokens} tokens, {kind} (cost model: {self.seconds * 1e3:.3f} ms "
-                 f"in fp32 on the dev CPU):"]
+                 f"in fp32 on the dev CPU; to_dense + F.linear: {self.dense_seconds * 1e3:.3f} ms):"]
+        if self.materialise:
+            lines.append("  materialise (backend 'auto', the default): W = to_dense() (cores contracted "
+                         "by opt_einsum), then one F.linear; the matmuls below run under backend('torch')")
         for mm in self.matmuls:
             copy = f"copy {_show(mm.source)} -> {_show(mm.x_order)}, " if mm.copies_input else ""
             lines.append(f"  {mm.step.core}: {copy}bmm blocks={_show(mm.blocks)} rows={_show(mm.rows)} "
@@ -114,7 +131,20 @@ def _plan(program: Program, tokens: int, training: bool) -> Plan:
     sizes = dict(program.sizes) | {TOKEN: tokens}
     laid_out = (_layouts(steps, program, sizes, training) for steps in _contraction_orders(program))
     matmuls, seconds = min(laid_out, key=lambda matmuls_seconds: matmuls_seconds[1])
-    return Plan(program, tokens, training, matmuls, seconds)
+    dense_seconds = _dense_seconds(program, tokens, training)
+    return Plan(program, tokens, training, matmuls, seconds, dense_seconds < seconds, dense_seconds)
+
+
+def _dense_seconds(program: Program, tokens: int, training: bool) -> float:
+    """Cost model of materialising W (out, in) from the cores and running one GEMM with it
+    (training: the two backward GEMMs and the backward of the materialisation too)."""
+    sizes = dict(program.sizes)
+    n_in, n_out = prod(sizes[m] for m in program.in_modes), prod(sizes[m] for m in program.out_modes)
+    gemm = _bmm_seconds(1, tokens, n_in, n_out)
+    # small einsums of cores run far below GEMM rate; W is a fresh buffer each call
+    build = (dense_flops(program) / (0.25 * _GEMM_RATE) + 4 * n_in * n_out / _COPY_RATES["chunks"]
+             + len(program.steps) * _CALL_SECONDS)
+    return 3 * (gemm + build) if training else gemm + build
 
 
 # --- order ---------------------------------------------------------------------------------------

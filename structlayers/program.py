@@ -30,12 +30,14 @@ def backend(name: str):
     """Choose the contraction path inside a `with` block.
 
     "torch": the execution plans (plan.py: strided batched matmuls in chosen layouts, a custom
-    backward) on every layer. "einsum": one torch.einsum per step, the reference the plans are
-    tested against (and what a precision policy or torch.compile runs). "triton": the fused Triton
-    kernels on every layer that has one (2-core Monarch/BTT), the torch path elsewhere; inputs the
-    kernels cannot take raise an error. "auto" (the default): the kernels for CUDA inputs of a
-    dtype they support when Triton is installed, else torch. A layer with a precision policy
-    always runs the einsum path, where the policy hooks in.
+    backward) on every layer, always as the structure's own matmuls. "einsum": one torch.einsum
+    per step, the reference the plans are tested against (and what a precision policy or
+    torch.compile runs). "triton": the fused Triton kernels on every layer that has one (2-core
+    Monarch/BTT), the torch path elsewhere; inputs the kernels cannot take raise an error.
+    "auto" (the default): the kernels for CUDA inputs of a dtype they support when Triton is
+    installed, else torch, except that a tiny layer whose plan prices the dense map cheaper
+    materialises W = to_dense() and runs one F.linear. A layer with a precision policy always
+    runs the einsum path, where the policy hooks in.
     """
     global _backend
     if name not in _BACKENDS:
@@ -159,6 +161,20 @@ class Program:
         return sum(step.flops(tokens) for step in self.steps)
 
 
+def _dense_equation(program: Program) -> tuple[str, list[tuple[int, ...]]]:
+    symbol = {m: opt_einsum.get_symbol(k) for k, (m, _) in enumerate(program.sizes)}
+    inputs = ",".join("".join(symbol[m] for m in step.core_modes) for step in program.steps)
+    output = "".join(symbol[m] for m in (*program.out_modes, *program.in_modes))
+    return f"{inputs}->{output}", [step.core_shape for step in program.steps]
+
+
+@lru_cache(maxsize=256)
+def dense_flops(program: Program) -> int:
+    """FLOPs of contracting the cores to W along opt_einsum's path (for the plans' cost model)."""
+    equation, shapes = _dense_equation(program)
+    return int(opt_einsum.contract_path(equation, *shapes, shapes=True)[1].opt_cost)
+
+
 @lru_cache(maxsize=256)
 def dense_expression(program: Program):
     """A cached opt_einsum expression: cores -> W as (*out_modes, *in_modes).
@@ -167,11 +183,8 @@ def dense_expression(program: Program):
     mode (ranks, intermediate modes) is summed. opt_einsum picks the contraction order once, which
     is far cheaper than running the program on an identity matrix (e.g. for TT).
     """
-    symbol = {m: opt_einsum.get_symbol(k) for k, (m, _) in enumerate(program.sizes)}
-    inputs = ",".join("".join(symbol[m] for m in step.core_modes) for step in program.steps)
-    output = "".join(symbol[m] for m in (*program.out_modes, *program.in_modes))
-    return opt_einsum.contract_expression(f"{inputs}->{output}",
-                                          *(step.core_shape for step in program.steps))
+    equation, shapes = _dense_equation(program)
+    return opt_einsum.contract_expression(equation, *shapes)
 
 
 def dense(program: Program, cores: dict) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import mup
 from .data import mnist1d, text_corpus
 from .gpt import BLOCK_PROJECTIONS, GPT, GPTConfig
+from .program import backend
 from .spec import build
 from .surgery import structurize
 
@@ -217,8 +218,10 @@ def eval_steps(steps: int, points: int) -> list[int]:
 
 
 def count_flops(task: Task, model: nn.Module, batch) -> int:
-    """FLOPs of one forward+backward of `model` on `batch` (gradients are cleared after)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward+backward of `model` on `batch` (gradients are cleared after): the
+    structures' own matmuls (backend "torch": not a fused kernel, which FlopCounterMode cannot
+    see, nor the dense map a tiny layer may materialise under "auto")."""
+    with backend("torch"), FlopCounterMode(display=False) as counter:
         task.loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
