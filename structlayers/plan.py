@@ -283,6 +283,21 @@ def _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes, trainin
     return seconds
 
 
+def _core_seconds(step: Step, blocks, sums, made, sizes, training: bool) -> float:
+    """Cost model of reordering the core to (blocks, sums, made) for the matmul (a copy unless
+    the orders agree), and for training of adding its gradient back in the core's order (free
+    where (blocks, sums, made) or (blocks, made, sums) agrees with it). Small for most cores; a
+    large Tucker core reordered at every call is not."""
+    def agrees(order):
+        return [m for m in order if sizes[m] > 1] == [m for m in step.core_modes if sizes[m] > 1]
+
+    target = (*blocks, *sums, *made)
+    seconds = 0.0 if agrees(target) else _copy_seconds(step.core_modes, target, sizes, False)
+    if training and not (agrees(target) or agrees((*blocks, *made, *sums))):
+        seconds += _copy_seconds(target, step.core_modes, sizes, False)
+    return seconds
+
+
 def _copy_seconds(source, target, sizes, training: bool) -> float:
     """Cost model of copying a tensor from physical order `source` to `target` (fp32; training:
     its gradient is copied back too)."""
@@ -331,8 +346,9 @@ def _layouts(steps, program: Program, sizes: dict, training: bool) -> tuple[tupl
             for x_order, (blocks, rows, sums), copy in reads:
                 for made in _made_orders(g["made"]):
                     for out_order in _group_orders((blocks, rows, made), sizes):
-                        cost = seconds + copy + _matmul_seconds(x_order, out_order, blocks, rows, sums,
-                                                                made, sizes, training)
+                        cost = (seconds + copy + _core_seconds(step, blocks, sums, made, sizes, training)
+                                + _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes,
+                                                  training))
                         if out_order not in candidates or cost < candidates[out_order][0]:
                             matmul = Matmul(step, source, x_order, out_order, blocks, rows, sums, made)
                             candidates[out_order] = (cost, (*done, matmul))
