@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import buffers
-from .plan import TOKEN, Plan
+from .plan import TOKEN, Plan, same_runs
 from .program import current_backend, dense, run
 
 HALF = (torch.bfloat16, torch.float16)
@@ -81,18 +81,11 @@ def _core_grad(x3, g3, mm, sizes) -> torch.Tensor:
     (b, n, k) when the core stores its fan-out before its fan-in (nn.Linear's (out, in)), so that
     the product is written in place instead of transposed by a copy afterwards."""
     made_first = (*mm.blocks, *mm.made, *mm.sums)
-    if _same_runs(made_first, mm.step.core_modes, sizes):
+    if same_runs(made_first, mm.step.core_modes, sizes):
         dw, grouped = torch.bmm(g3.transpose(1, 2), x3), made_first
     else:
         dw, grouped = torch.bmm(x3.transpose(1, 2), g3), (*mm.blocks, *mm.sums, *mm.made)
     return dw.view(_shape(grouped, sizes)).permute(_perm(grouped, mm.step.core_modes))
-
-
-def _same_runs(grouped, core_modes, sizes) -> bool:
-    """Whether `grouped` and `core_modes` order the modes of size > 1 alike (then the permute
-    between them is a view)."""
-    big = [m for m in grouped if sizes[m] > 1]
-    return big == [m for m in core_modes if sizes[m] > 1]
 
 
 class _PlannedContraction(torch.autograd.Function):

@@ -76,9 +76,13 @@ class Plan:
     training: bool  # planned for forward+backward (else for a forward alone)
     matmuls: tuple[Matmul, ...]
     seconds: float  # the cost model's estimate of one forward (+ backward when training)
-    materialise: bool = False  # cheaper to build to_dense() and run one F.linear (tiny layers;
-    #                            done under backend "auto", the default; "torch" runs the matmuls)
-    dense_seconds: float = float("inf")  # the cost model's estimate of that
+    dense_seconds: float = float("inf")  # ... of building W = to_dense() and one F.linear instead
+
+    @property
+    def materialise(self) -> bool:
+        """Whether W and one F.linear are cheaper (tiny layers); done under backend "auto", the
+        default, while "torch" runs the matmuls."""
+        return self.dense_seconds < self.seconds
 
     @property
     def out_order(self) -> tuple[str, ...]:
@@ -93,9 +97,7 @@ class Plan:
         """Forward matmul FLOPs of what this plan runs for `tokens` rows (materialised: building W
         along opt_einsum's path, then the GEMM)."""
         if self.materialise:
-            sizes = dict(self.program.sizes)
-            n_in, n_out = (prod(sizes[m] for m in modes) for modes in (self.program.in_modes,
-                                                                        self.program.out_modes))
+            n_out, n_in = self.program.dense_shape
             return dense_flops(self.program) + 2 * tokens * n_in * n_out
         return self.contraction_flops(tokens)
 
@@ -131,15 +133,13 @@ def _plan(program: Program, tokens: int, training: bool) -> Plan:
     sizes = dict(program.sizes) | {TOKEN: tokens}
     laid_out = (_layouts(steps, program, sizes, training) for steps in _contraction_orders(program))
     matmuls, seconds = min(laid_out, key=lambda matmuls_seconds: matmuls_seconds[1])
-    dense_seconds = _dense_seconds(program, tokens, training)
-    return Plan(program, tokens, training, matmuls, seconds, dense_seconds < seconds, dense_seconds)
+    return Plan(program, tokens, training, matmuls, seconds, _dense_seconds(program, tokens, training))
 
 
 def _dense_seconds(program: Program, tokens: int, training: bool) -> float:
     """Cost model of materialising W (out, in) from the cores and running one GEMM with it
     (training: the two backward GEMMs and the backward of the materialisation too)."""
-    sizes = dict(program.sizes)
-    n_in, n_out = prod(sizes[m] for m in program.in_modes), prod(sizes[m] for m in program.out_modes)
+    n_out, n_in = program.dense_shape
     gemm = _bmm_seconds(1, tokens, n_in, n_out)
     # small einsums of cores run far below GEMM rate; W is a fresh buffer each call
     build = (dense_flops(program) / (0.25 * _GEMM_RATE) + 4 * n_in * n_out / _COPY_RATES["chunks"]
@@ -288,14 +288,19 @@ def _core_seconds(step: Step, blocks, sums, made, sizes, training: bool) -> floa
     the orders agree), and for training of adding its gradient back in the core's order (free
     where (blocks, sums, made) or (blocks, made, sums) agrees with it). Small for most cores; a
     large Tucker core reordered at every call is not."""
-    def agrees(order):
-        return [m for m in order if sizes[m] > 1] == [m for m in step.core_modes if sizes[m] > 1]
-
     target = (*blocks, *sums, *made)
-    seconds = 0.0 if agrees(target) else _copy_seconds(step.core_modes, target, sizes, False)
-    if training and not (agrees(target) or agrees((*blocks, *made, *sums))):
+    in_place = same_runs(target, step.core_modes, sizes)
+    seconds = 0.0 if in_place else _copy_seconds(step.core_modes, target, sizes, False)
+    if training and not (in_place or same_runs((*blocks, *made, *sums), step.core_modes, sizes)):
         seconds += _copy_seconds(target, step.core_modes, sizes, False)
     return seconds
+
+
+def same_runs(grouped, core_modes, sizes) -> bool:
+    """Whether `grouped` and `core_modes` order the modes of size > 1 alike (then the permute
+    between them is a view)."""
+    big = [m for m in grouped if sizes[m] > 1]
+    return big == [m for m in core_modes if sizes[m] > 1]
 
 
 def _copy_seconds(source, target, sizes, training: bool) -> float:

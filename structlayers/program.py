@@ -157,6 +157,12 @@ class Program:
     def out_modes(self) -> tuple[str, ...]:
         return self.steps[-1].out_modes
 
+    @property
+    def dense_shape(self) -> tuple[int, int]:
+        """(out, in) of the dense map W: the products of the output and the input mode sizes."""
+        sizes = dict(self.sizes)
+        return prod(sizes[m] for m in self.out_modes), prod(sizes[m] for m in self.in_modes)
+
     def flops(self, tokens: int) -> int:
         return sum(step.flops(tokens) for step in self.steps)
 
@@ -191,8 +197,7 @@ def dense(program: Program, cores: dict) -> torch.Tensor:
     """(prod(out sizes), prod(in sizes)) matrix of the program with these cores."""
     operands = [cores[step.core].reshape(step.core_shape) for step in program.steps]
     w = dense_expression(program)(*operands, backend="torch")
-    sizes = dict(program.sizes)
-    return w.reshape(prod(sizes[m] for m in program.out_modes), -1)
+    return w.reshape(program.dense_shape)
 
 
 def make_program(in_modes, steps, sizes: dict) -> Program:
