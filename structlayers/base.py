@@ -126,7 +126,7 @@ class StructuredLinear(nn.Module):
             training = torch.is_grad_enabled() and (
                 x.requires_grad or any(c.requires_grad for c in cores.values()))
             bias = self.bias if self.padded_out == self.out_features else None
-            y = run_plan(make_plan(self.program, x.shape[0], training), x, cores, bias)
+            y = run_plan(self.program, x, cores, bias, training)
         else:
             y, bias = run(self.program, x, cores, self.precision), None
         if self.padded_out != self.out_features:

@@ -91,8 +91,14 @@ def _cpu_path(layer, tokens: int) -> str:
     from .plan import make_plan
 
     text = f"torch path: {make_plan(layer.program, tokens).describe()}"
-    slow = [str(dt).removeprefix("torch.") for dt in (torch.bfloat16, torch.float16)
-            if _half_is_slow(dt)]
+    half = [dt for dt in (torch.bfloat16, torch.float16) if not _half_is_slow(dt)]
+    slow = [str(dt).removeprefix("torch.") for dt in (torch.bfloat16, torch.float16) if dt not in half]
+    if half:
+        names = " and ".join(str(dt).removeprefix("torch.") for dt in half)
+        text += (f"\n{names} on this CPU (native half matmuls), "
+                 f"{make_plan(layer.program, tokens, precision='half').describe()}"
+                 f"\n  plan or to_dense() + F.linear: measured once at the first call of each plan "
+                 f"(backend 'auto'), not by the cost model")
     if slow:
         text += (f"\n  {' and '.join(slow)} inputs on this CPU: the matmuls run in float32 (its "
                  f"{'/'.join(slow)} batched matmul is slower), the output is rounded back")

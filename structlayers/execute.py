@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from . import buffers
-from .plan import TOKEN, Plan, same_runs
-from .program import current_backend, dense, run
+from .plan import TOKEN, Plan, make_plan, same_runs
+from .program import Program, current_backend, dense, run
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -125,13 +125,15 @@ class _PlannedContraction(torch.autograd.Function):
         return None, grad_x, grad_bias, *grads
 
 
-def run_plan(plan: Plan, x: torch.Tensor, cores: dict, bias: torch.Tensor | None = None) -> torch.Tensor:
+def run_plan(program: Program, x: torch.Tensor, cores: dict, bias: torch.Tensor | None = None,
+             training: bool = True) -> torch.Tensor:
     """x (T, prod(in_shape)) -> (T, prod(out sizes)) (+ bias, of the program's full output
-    width) through `plan`; cores: name -> parameter."""
+    width) through the program's plan for T tokens and the dtype the matmuls run in (training:
+    planned for forward+backward); cores: name -> parameter."""
     if x.shape[0] == 0:  # no tokens: the reference gives the empty output and zero gradients
-        y = run(plan.program, x, cores)
+        y = run(program, x, cores)
         return y if bias is None else y + bias.to(y.dtype)
-    operands = [cores[mm.step.core] for mm in plan.matmuls]
+    operands = [cores[step.core] for step in program.steps]
     device = x.device.type
     if torch.is_autocast_enabled(device):  # what autocast does to the einsum path's matmuls
         dtype = torch.get_autocast_dtype(device)
@@ -145,19 +147,69 @@ def run_plan(plan: Plan, x: torch.Tensor, cores: dict, bias: torch.Tensor | None
     if dtype in HALF and device == "cpu" and _half_is_slow(dtype):
         x, operands = x.float(), [c.float() for c in operands]
         bias = None if bias is None else bias.float()
-    if plan.materialise and current_backend() == "auto":
-        # a tiny layer: W from the cores (autograd through opt_einsum), one GEMM
-        with torch.autocast(device, enabled=False):
-            w = dense(plan.program, {mm.step.core: c for mm, c in zip(plan.matmuls, operands, strict=True)})
-            return F.linear(x, w, bias).to(dtype)
+    # half on a CPU with native half matmuls: oneDNN's layouts differ from fp32's (see plan.py)
+    precision = "half" if x.dtype in HALF and device == "cpu" else "float32"
+    plan = make_plan(program, x.shape[0], training, precision)
+    named = dict(zip((step.core for step in program.steps), operands, strict=True))
+    operands = [named[mm.step.core] for mm in plan.matmuls]
+    if current_backend() == "auto" and _materialises(plan, x, operands, bias):
+        y = _materialised(plan, x, operands, bias)
+    else:
+        y = _planned(plan, x, operands, bias)
+    return y.to(dtype)
+
+
+def _materialised(plan: Plan, x, operands, bias) -> torch.Tensor:
+    """A tiny layer: W from the cores (autograd through opt_einsum), one GEMM."""
+    with torch.autocast(x.device.type, enabled=False):
+        w = dense(plan.program, {mm.step.core: c for mm, c in zip(plan.matmuls, operands, strict=True)})
+        return F.linear(x, w, bias)
+
+
+def _planned(plan: Plan, x, operands, bias) -> torch.Tensor:
     x = x.contiguous()
     tensors = [x, *operands] + ([] if bias is None else [bias])
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            y = _PlannedContraction.apply(plan, x, bias, *operands)
-        else:
-            y = _forward(plan, x, bias, operands, save=False)[0]
-    return y.to(dtype)
+            return _PlannedContraction.apply(plan, x, bias, *operands)
+        return _forward(plan, x, bias, operands, save=False)[0]
+
+
+_measured: dict[Plan, bool] = {}  # plan -> whether materialising measured faster
+
+
+def measured_choices() -> dict[Plan, bool]:
+    """The plans whose dense-or-not choice was measured (half precision on CPU), and the choice."""
+    return dict(_measured)
+
+
+def _materialises(plan: Plan, x, operands, bias) -> bool:
+    """Whether to run `plan` as to_dense() + F.linear. The fp32 cost model decides in float32;
+    in half precision on CPU, where dense GEMMs run 4x faster than the batched ones and torch's
+    copies and half bmm layouts are far less even than the cost model's (measured off by 2-3x),
+    one measurement of both paths at the first call of each plan decides and is cached."""
+    if plan.precision != "half" or x.device.type != "cpu":
+        return plan.materialise
+    if plan not in _measured:
+        import time
+
+        def seconds(path) -> float:
+            best = float("inf")
+            for _ in range(3):  # the first run fills the buffer pool
+                xs = x.detach().requires_grad_(x.requires_grad)
+                cs = [c.detach().requires_grad_(c.requires_grad) for c in operands]
+                bs = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
+                start = time.perf_counter()
+                with torch.enable_grad() if plan.training else torch.no_grad():
+                    y = path(plan, xs, cs, bs)
+                    wants = [t for t in (xs, *cs, bs) if t is not None and t.requires_grad]
+                    if plan.training and wants:
+                        torch.autograd.grad(y, wants, torch.ones_like(y))
+                best = min(best, time.perf_counter() - start)
+            return best
+
+        _measured[plan] = seconds(_materialised) < seconds(_planned)
+    return _measured[plan]
 
 
 @lru_cache(maxsize=8)

@@ -77,6 +77,7 @@ class Plan:
     matmuls: tuple[Matmul, ...]
     seconds: float  # the cost model's estimate of one forward (+ backward when training)
     dense_seconds: float = float("inf")  # ... of building W = to_dense() and one F.linear instead
+    precision: str = "float32"  # whose cost model chose the layouts (`PRECISIONS`)
 
     @property
     def materialise(self) -> bool:
@@ -103,8 +104,8 @@ class Plan:
 
     def describe(self) -> str:
         kind = "forward+backward" if self.training else "forward"
-        lines = [f"plan for {self.tokens} tokens, {kind} (cost model: {self.seconds * 1e3:.3f} ms "
-                 f"in fp32 on the dev CPU; to_dense + F.linear: {self.dense_seconds * 1e3:.3f} ms):"]
+        lines = [f"plan for {self.tokens} tokens, {kind}, {self.precision} (cost model: "
+                 f"{self.seconds * 1e3:.3f} ms; to_dense + F.linear: {self.dense_seconds * 1e3:.3f} ms):"]
         if self.materialise:
             lines.append("  materialise (backend 'auto', the default): W = to_dense() (cores contracted "
                          "by opt_einsum), then one F.linear; the matmuls below run under backend('torch')")
@@ -122,28 +123,32 @@ def token_bucket(tokens: int) -> int:
     return 1 << max(0, tokens - 1).bit_length()
 
 
-def make_plan(program: Program, tokens: int, training: bool = True) -> Plan:
+def make_plan(program: Program, tokens: int, training: bool = True, precision: str = "float32") -> Plan:
     """The plan for `program` at `tokens` (rounded up to its bucket), for a forward+backward
-    (training) or a forward alone."""
-    return _plan(program, token_bucket(tokens), training)
+    (training) or a forward alone, its matmuls in `precision` ("float32", or "half": bf16 / fp16
+    run natively, whose CPU matmuls prefer other layouts)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return _plan(program, token_bucket(tokens), training, PRECISIONS[precision])
 
 
 @lru_cache(maxsize=1024)
-def _plan(program: Program, tokens: int, training: bool) -> Plan:
+def _plan(program: Program, tokens: int, training: bool, p: "Precision") -> Plan:
     sizes = dict(program.sizes) | {TOKEN: tokens}
-    laid_out = (_layouts(steps, program, sizes, training) for steps in _contraction_orders(program))
+    laid_out = (_layouts(steps, program, sizes, training, p) for steps in _contraction_orders(program))
     matmuls, seconds = min(laid_out, key=lambda matmuls_seconds: matmuls_seconds[1])
-    return Plan(program, tokens, training, matmuls, seconds, _dense_seconds(program, tokens, training))
+    return Plan(program, tokens, training, matmuls, seconds, _dense_seconds(program, tokens, training, p),
+                p.name)
 
 
-def _dense_seconds(program: Program, tokens: int, training: bool) -> float:
+def _dense_seconds(program: Program, tokens: int, training: bool, p: "Precision") -> float:
     """Cost model of materialising W (out, in) from the cores and running one GEMM with it
     (training: the two backward GEMMs and the backward of the materialisation too)."""
     n_out, n_in = program.dense_shape
-    gemm = _bmm_seconds(1, tokens, n_in, n_out)
+    gemm = _bmm_seconds(1, tokens, n_in, n_out, rate=p.gemm_rate)
     # small einsums of cores run far below GEMM rate; W is a fresh buffer each call
-    build = (dense_flops(program) / (0.25 * _GEMM_RATE) + 4 * n_in * n_out / _COPY_RATES["chunks"]
-             + len(program.steps) * _CALL_SECONDS)
+    build = (dense_flops(program) / (0.25 * p.bmm_rate)
+             + p.element_bytes * n_in * n_out / _COPY_RATES["chunks"] + len(program.steps) * _CALL_SECONDS)
     return 3 * (gemm + build) if training else gemm + build
 
 
@@ -239,15 +244,43 @@ def _group_orders(parts, sizes) -> list[tuple[str, ...]]:
 
 # How fast a batched matmul runs, relative to its best layout, by the layout of an operand or the
 # output: "B" when the blocks are the outermost mode (else "M": a block mode sits inside another),
-# "R" when its last dim is innermost (row-major), "C" when its first is (column-major). Fitted
-# (log-linear, 11% rms error) to 216 layout combinations of (32 x 2048 x 32) @ (32 x 32 x 64) and
-# (32 x 32 x 2048) @ (32 x 2048 x 64) batched matmuls with preallocated outputs, fp32, dev CPU.
+# "R" when its last dim is innermost (row-major), "C" when its first is (column-major). float32:
+# fitted (log-linear, 11% rms error) to 216 layout combinations of (32 x 2048 x 32) @ (32 x 32 x 64)
+# and (32 x 32 x 2048) @ (32 x 2048 x 64) batched matmuls with preallocated outputs, dev CPU.
+# half (bf16 on a CPU with AMX, oneDNN): read off 64 combinations of (32 x 2048 x 32) @
+# (32 x 32 x 128) and (32 x 32 x 2048) @ (32 x 2048 x 64) on a 2-core Xeon; a column-major output
+# runs at 0.2-0.4 GFLOP/s there (a reference loop, against 750 row-major), so the search never
+# picks one: a copy is always cheaper. An operand whose blocks are not outermost ("M") is copied
+# inside torch.bmm into a fresh buffer (page faults: 10 GB/s, a third of the plan's own pooled
+# copy), so "M" is priced far below the measured GFLOP/s and the plan copies instead.
 _LAYOUT_EFFICIENCY = {
-    "matmul": {"a": {"BR": 1.0, "BC": 0.95, "MR": 0.84, "MC": 0.73},
-               "out": {"BR": 1.0, "MR": 0.81, "BC": 0.65, "MC": 0.61}},
-    "reduce": {"a": {"BC": 1.0, "BR": 0.96, "MR": 0.99, "MC": 0.78},  # the core's gradient
-               "b": {"BC": 1.0, "BR": 0.96, "MC": 0.95, "MR": 0.68}},
+    "float32": {"matmul": {"a": {"BR": 1.0, "BC": 0.95, "MR": 0.84, "MC": 0.73},
+                           "out": {"BR": 1.0, "MR": 0.81, "BC": 0.65, "MC": 0.61}},
+                "reduce": {"a": {"BC": 1.0, "BR": 0.96, "MR": 0.99, "MC": 0.78},  # the core's gradient
+                           "b": {"BC": 1.0, "BR": 0.96, "MC": 0.95, "MR": 0.68}}},
+    "half": {"matmul": {"a": {"BR": 1.0, "BC": 0.5, "MR": 0.25, "MC": 0.2},
+                        "out": {"BR": 1.0, "MR": 0.25, "BC": 5e-4, "MC": 5e-4}},
+             "reduce": {"a": {"BC": 0.96, "BR": 1.0, "MR": 0.25, "MC": 0.06},
+                        "b": {"BC": 1.0, "BR": 1.0, "MC": 0.2, "MR": 0.25}}},
 }
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one instance per name (`PRECISIONS`)
+class Precision:
+    """The cost model's rates for one compute precision (both measured on the dev CPUs)."""
+
+    name: str  # "float32" or "half" (bf16 / fp16 where the CPU's matmuls run them natively)
+    bmm_rate: float  # FLOP/s of a large batched matmul in its best layout
+    gemm_rate: float  # FLOP/s of one large dense GEMM (the materialised layer's F.linear)
+    element_bytes: int
+    copy_rates: dict  # bytes/s of the copy kinds (`_copy_seconds`)
+
+
+PRECISIONS = {"float32": Precision("float32", _GEMM_RATE, _GEMM_RATE, 4, _COPY_RATES),
+              # bf16 on the AMX Xeon: 750 GFLOP/s batched, 2.9 TFLOP/s dense; torch's bf16 copy
+              # that moves single elements across tokens ran at 1.2 GB/s (fp32: 5-18)
+              "half": Precision("half", 600e9, 2400e9, 2,
+                                {"same": 58e9, "chunks": 30e9, "per token": 20e9, "across tokens": 1.5e9})}
 
 
 def _layout(order, blocks, rows, cols) -> str:
@@ -258,41 +291,43 @@ def _layout(order, blocks, rows, cols) -> str:
     return outer + inner
 
 
-def _bmm_seconds(b, m, k, n, *efficiencies) -> float:
+def _bmm_seconds(b, m, k, n, *efficiencies, rate: float = _GEMM_RATE) -> float:
     """Cost model of one batched matmul (b, m, k) @ (b, k, n): small matrices run slower."""
     efficiency = 1 / (1 + 16 / max(k, 1) + 16 / max(n, 1) + 16 / max(m, 1))
     for e in efficiencies:
         efficiency *= e
-    return 2 * b * m * k * n / (_GEMM_RATE * efficiency) + _CALL_SECONDS
+    return 2 * b * m * k * n / (rate * efficiency) + _CALL_SECONDS
 
 
-def _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes, training: bool) -> float:
+def _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes, training: bool,
+                    p: Precision) -> float:
     """Forward, and for training the two backward matmuls, of one activation-core matmul."""
     b, m, k, n = (prod(sizes[mode] for mode in part) for part in (blocks, rows, sums, made))
-    table = _LAYOUT_EFFICIENCY
+    table, rate = _LAYOUT_EFFICIENCY[p.name], p.bmm_rate
     x_layout = _layout(x_order, blocks, rows, sums)
     out_layout = _layout(out_order, blocks, rows, made)
-    seconds = _bmm_seconds(b, m, k, n, table["matmul"]["a"][x_layout], table["matmul"]["out"][out_layout])
+    seconds = _bmm_seconds(b, m, k, n, table["matmul"]["a"][x_layout], table["matmul"]["out"][out_layout],
+                           rate=rate)
     if training:
         # grad core: x3^T (b, k, m) @ g3 (b, m, n); grad input: g3 @ core^T, written like x
         transposed = {"BR": "BC", "BC": "BR", "MR": "MC", "MC": "MR"}
         seconds += _bmm_seconds(b, k, m, n, table["reduce"]["a"][transposed[x_layout]],
-                                table["reduce"]["b"][out_layout])
+                                table["reduce"]["b"][out_layout], rate=rate)
         seconds += _bmm_seconds(b, m, n, k, table["matmul"]["a"][out_layout],
-                                table["matmul"]["out"][x_layout])
+                                table["matmul"]["out"][x_layout], rate=rate)
     return seconds
 
 
-def _core_seconds(step: Step, blocks, sums, made, sizes, training: bool) -> float:
+def _core_seconds(step: Step, blocks, sums, made, sizes, training: bool, p: Precision) -> float:
     """Cost model of reordering the core to (blocks, sums, made) for the matmul (a copy unless
     the orders agree), and for training of adding its gradient back in the core's order (free
     where (blocks, sums, made) or (blocks, made, sums) agrees with it). Small for most cores; a
     large Tucker core reordered at every call is not."""
     target = (*blocks, *sums, *made)
     in_place = same_runs(target, step.core_modes, sizes)
-    seconds = 0.0 if in_place else _copy_seconds(step.core_modes, target, sizes, False)
+    seconds = 0.0 if in_place else _copy_seconds(step.core_modes, target, sizes, False, p)
     if training and not (in_place or same_runs((*blocks, *made, *sums), step.core_modes, sizes)):
-        seconds += _copy_seconds(target, step.core_modes, sizes, False)
+        seconds += _copy_seconds(target, step.core_modes, sizes, False, p)
     return seconds
 
 
@@ -303,8 +338,8 @@ def same_runs(grouped, core_modes, sizes) -> bool:
     return big == [m for m in core_modes if sizes[m] > 1]
 
 
-def _copy_seconds(source, target, sizes, training: bool) -> float:
-    """Cost model of copying a tensor from physical order `source` to `target` (fp32; training:
+def _copy_seconds(source, target, sizes, training: bool, p: Precision) -> float:
+    """Cost model of copying a tensor from physical order `source` to `target` (training:
     its gradient is copied back too)."""
     if source == target:
         return 0.0
@@ -322,10 +357,11 @@ def _copy_seconds(source, target, sizes, training: bool) -> float:
         kind = "per token"
     else:
         kind = "across tokens"
-    return (2 if training else 1) * (2 * 4 * numel / _COPY_RATES[kind] + _CALL_SECONDS)
+    return (2 if training else 1) * (2 * p.element_bytes * numel / p.copy_rates[kind] + _CALL_SECONDS)
 
 
-def _layouts(steps, program: Program, sizes: dict, training: bool) -> tuple[tuple[Matmul, ...], float]:
+def _layouts(steps, program: Program, sizes: dict, training: bool,
+             p: Precision) -> tuple[tuple[Matmul, ...], float]:
     """Physical orders for every matmul: the cheapest path through the cost model.
 
     States are the activation's physical order between matmuls; from each, a matmul reads it in
@@ -340,26 +376,27 @@ def _layouts(steps, program: Program, sizes: dict, training: bool) -> tuple[tupl
         candidates = {}
         for source, (seconds, done) in best.items():
             read = _readable(source, g["blocks"], g["rows"], g["sums"], sizes)
-            if read is not None:
-                reads = [(source, read, 0.0)]
-            else:
-                reads = []
+            reads = [] if read is None else [(source, read, 0.0)]
+            if read is None or (p.name == "half" and _layout(source, *read) != "BR"):
+                # half precision also prices copies where it could read in place: the input's
+                # gradient is written in the order the input is read (column-major: 1000x
+                # slower), and half matmuls copy "M" operands themselves
                 for order in _orders((g["blocks"], g["rows"], g["sums"]), source):
                     grouped = _readable(order, g["blocks"], g["rows"], g["sums"], sizes)
-                    if grouped is not None:
-                        reads.append((order, grouped, _copy_seconds(source, order, sizes, training)))
+                    if grouped is not None and order != source:
+                        reads.append((order, grouped, _copy_seconds(source, order, sizes, training, p)))
             for x_order, (blocks, rows, sums), copy in reads:
                 for made in _made_orders(g["made"]):
                     for out_order in _group_orders((blocks, rows, made), sizes):
-                        cost = (seconds + copy + _core_seconds(step, blocks, sums, made, sizes, training)
+                        cost = (seconds + copy + _core_seconds(step, blocks, sums, made, sizes, training, p)
                                 + _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes,
-                                                  training))
+                                                  training, p))
                         if out_order not in candidates or cost < candidates[out_order][0]:
                             matmul = Matmul(step, source, x_order, out_order, blocks, rows, sums, made)
                             candidates[out_order] = (cost, (*done, matmul))
         best = dict(sorted(candidates.items(), key=lambda item: item[1][0])[:_BEAM])
     end = (TOKEN, *program.out_modes)
-    seconds, matmuls = min(((cost + _copy_seconds(order, end, sizes, training), done)
+    seconds, matmuls = min(((cost + _copy_seconds(order, end, sizes, training, p), done)
                             for order, (cost, done) in best.items()), key=lambda pair: pair[0])
     return matmuls, seconds
 

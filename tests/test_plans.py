@@ -327,3 +327,76 @@ def test_show_prints_the_plan(capsys):
     assert main(["show", "tt:cores=3,rank=8", "1024", "4096"]) == 0
     out = capsys.readouterr().out
     assert "plan for 2048 tokens" in out and "bmm" in out
+
+
+HALF_CASES = [("monarch", 1024, 4096), ("btt:rank=2,cores=3", 1024, 4096), ("tt:cores=3,rank=8", 4096, 1024),
+              ("tucker:rank=0.05", 1024, 4096), ("btt:rank=1", 4096, 1024)]
+
+
+@pytest.mark.parametrize("spec,i,o", HALF_CASES)
+def test_half_plans_never_write_column_major(spec, i, o):
+    """bf16 batched matmuls on CPU (oneDNN) run at 0.2-0.4 GFLOP/s into a column-major output, 1000x
+    slower than row-major: half plans never write one, forward or (training) the input's gradient,
+    which is written in the order the forward read the input."""
+    from structlayers.plan import _layout
+
+    program = sl.build(spec, i, o).program
+    for training in (True, False):
+        plan = make_plan(program, 2048, training, "half")
+        assert plan.precision == "half"
+        for mm in plan.matmuls:
+            assert _layout(mm.out_order, mm.blocks, mm.rows, mm.made).endswith("R"), plan.describe()
+            if training:
+                assert _layout(mm.x_order, mm.blocks, mm.rows, mm.sums).endswith("R"), plan.describe()
+    with pytest.raises(ValueError, match="precision"):
+        make_plan(program, 2048, True, "bfloat16")
+
+
+@pytest.mark.parametrize("spec", ["monarch", "btt:rank=2,cores=3", "tt:cores=3,rank=4", "tucker:rank=0.2"])
+def test_half_plans_match_the_einsum_program(spec):
+    """The half-precision layouts compute the same map: forward and every gradient in bf16 within
+    bf16 rounding of the float64 einsum program (run directly, whichever dtype this CPU's plans
+    would pick for bf16)."""
+    from structlayers.execute import _planned
+
+    torch.manual_seed(0)
+    exact = sl.build(spec, 128, 192, dtype=torch.float64)
+    half = sl.build(spec, 128, 192, dtype=torch.bfloat16)
+    half.load_state_dict(exact.state_dict())
+    exact.load_state_dict(half.state_dict())
+    x = torch.randn(64, 128, dtype=torch.bfloat16)
+    grad_y = torch.randn(64, 192, dtype=torch.float64)
+    xe = x.double().requires_grad_()
+    with sl.backend("einsum"):
+        ye = exact(xe)
+    ref = torch.autograd.grad(ye, [xe, *exact._cores().values()], grad_y)
+    plan = make_plan(half.program, 64, True, "half")
+    cores = half._cores()
+    xh = x.clone().requires_grad_()
+    yh = _planned(plan, xh, [cores[mm.step.core] for mm in plan.matmuls], None)
+    got = torch.autograd.grad(yh, [xh, *cores.values()], grad_y.bfloat16())
+    for a, b in zip((yh, *got), (ye, *ref), strict=True):
+        assert a.dtype == torch.bfloat16
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 0.03
+
+
+def test_half_dense_or_not_is_measured_once_per_plan():
+    """Where this CPU runs bf16 matmuls natively, the choice between the plan and to_dense() +
+    F.linear is one measurement per plan, cached, and either way the output is the layer's."""
+    from structlayers.execute import _half_is_slow, measured_choices
+
+    if _half_is_slow(torch.bfloat16):
+        pytest.skip("bf16 runs in float32 on this CPU: the fp32 cost model decides")
+    torch.manual_seed(0)
+    layer = sl.build("btt:rank=2", 256, 512, dtype=torch.bfloat16)
+    x = torch.randn(300, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        plan = make_plan(layer.program, 300, False, "half")
+        assert plan in measured_choices()
+        choices = measured_choices()
+        torch.testing.assert_close(layer(x), y)
+        assert measured_choices() == choices
+        with sl.backend("einsum"):
+            reference = layer.double()(x.double())
+    assert ((y.double() - reference).abs().max() / reference.abs().max()).item() < 0.03
