@@ -44,6 +44,18 @@ def _copy_to(h, source, target, sizes) -> torch.Tensor:
     return out
 
 
+def _batch_major(t: torch.Tensor) -> torch.Tensor:
+    """t (b, m, k) itself if each block is one contiguous-ish matrix (blocks outermost), else a
+    copy into a pooled buffer: torch's half-precision CPU bmm copies such an operand itself, into
+    a fresh buffer (page faults; plan.py prices this copy)."""
+    b, m, k = t.shape
+    if b == 1 or t.stride(0) >= m * k:
+        return t
+    out = buffers.empty(t.shape, t.dtype, t.device)
+    out.copy_(t)
+    return out
+
+
 def _core_operand(core, step, mm) -> torch.Tensor:
     """The core as (b, k, n) in the matmul's group orders (a copy when it needs reordering)."""
     core = core.view(step.core_shape)
@@ -64,6 +76,8 @@ def _forward(plan: Plan, x: torch.Tensor, bias, cores, save: bool):
     for mm, core in zip(plan.matmuls, cores, strict=True):
         h = _copy_to(h, order, mm.x_order, sizes)
         x3 = _as_bmm(h, mm.x_order, (mm.blocks, mm.rows, mm.sums), sizes)
+        if plan.precision == "half":
+            x3 = _batch_major(x3)
         w3 = _core_operand(core, mm.step, mm)
         out = buffers.empty(_shape(mm.out_order, sizes), h.dtype, h.device)
         torch.bmm(x3, w3, out=_as_bmm(out, mm.out_order, (mm.blocks, mm.rows, mm.made), sizes))
@@ -112,6 +126,8 @@ class _PlannedContraction(torch.autograd.Function):
         for j in reversed(range(len(plan.matmuls))):
             mm, (x3, w3) = plan.matmuls[j], saved[2 * j: 2 * j + 2]
             g3 = _as_bmm(g, mm.out_order, (mm.blocks, mm.rows, mm.made), sizes)
+            if plan.precision == "half":
+                g3 = _batch_major(g3)
             if needs_core[j]:
                 grads[j] = _core_grad(x3, g3, mm, sizes).reshape(ctx.shapes[j])
             if not needs_input[j]:

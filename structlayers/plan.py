@@ -251,17 +251,16 @@ def _group_orders(parts, sizes) -> list[tuple[str, ...]]:
 # (32 x 32 x 128) and (32 x 32 x 2048) @ (32 x 2048 x 64) on a 2-core Xeon; a column-major output
 # runs at 0.2-0.4 GFLOP/s there (a reference loop, against 750 row-major), so the search never
 # picks one: a copy is always cheaper. An operand whose blocks are not outermost ("M") is copied
-# inside torch.bmm into a fresh buffer (page faults: 10 GB/s, a third of the plan's own pooled
-# copy), so "M" is priced far below the measured GFLOP/s and the plan copies instead.
+# inside torch.bmm into a fresh buffer (page faults: 10 GB/s, a third of a pooled copy's rate), so
+# the plan copies it into a pooled buffer first (`_operand_copy_seconds`).
 _LAYOUT_EFFICIENCY = {
     "float32": {"matmul": {"a": {"BR": 1.0, "BC": 0.95, "MR": 0.84, "MC": 0.73},
                            "out": {"BR": 1.0, "MR": 0.81, "BC": 0.65, "MC": 0.61}},
                 "reduce": {"a": {"BC": 1.0, "BR": 0.96, "MR": 0.99, "MC": 0.78},  # the core's gradient
                            "b": {"BC": 1.0, "BR": 0.96, "MC": 0.95, "MR": 0.68}}},
-    "half": {"matmul": {"a": {"BR": 1.0, "BC": 0.5, "MR": 0.25, "MC": 0.2},
-                        "out": {"BR": 1.0, "MR": 0.25, "BC": 5e-4, "MC": 5e-4}},
-             "reduce": {"a": {"BC": 0.96, "BR": 1.0, "MR": 0.25, "MC": 0.06},
-                        "b": {"BC": 1.0, "BR": 1.0, "MC": 0.2, "MR": 0.25}}},
+    "half": {"matmul": {"a": {"BR": 1.0, "BC": 0.5},  # "M" operands are copied first
+                        "out": {"BR": 1.0, "MR": 0.8, "BC": 5e-4, "MC": 5e-4}},
+             "reduce": {"a": {"BC": 0.96, "BR": 1.0}, "b": {"BC": 1.0, "BR": 1.0}}},
 }
 
 
@@ -306,16 +305,35 @@ def _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes, trainin
     table, rate = _LAYOUT_EFFICIENCY[p.name], p.bmm_rate
     x_layout = _layout(x_order, blocks, rows, sums)
     out_layout = _layout(out_order, blocks, rows, made)
-    seconds = _bmm_seconds(b, m, k, n, table["matmul"]["a"][x_layout], table["matmul"]["out"][out_layout],
-                           rate=rate)
+    seconds = 0.0
+    # the input's gradient is written in the x layout; in half precision an operand whose
+    # blocks are not outermost is first copied batch-major
+    dx_layout, g_layout = x_layout, out_layout
+    if p.name == "half":
+        seconds += _operand_copy_seconds(x_layout, b * m * k, p)
+        x_layout = "B" + x_layout[1]
+    seconds += _bmm_seconds(b, m, k, n, table["matmul"]["a"][x_layout], table["matmul"]["out"][out_layout],
+                            rate=rate)
     if training:
+        if p.name == "half":
+            seconds += _operand_copy_seconds(g_layout, b * m * n, p)
+            g_layout = "B" + g_layout[1]
         # grad core: x3^T (b, k, m) @ g3 (b, m, n); grad input: g3 @ core^T, written like x
         transposed = {"BR": "BC", "BC": "BR", "MR": "MC", "MC": "MR"}
         seconds += _bmm_seconds(b, k, m, n, table["reduce"]["a"][transposed[x_layout]],
-                                table["reduce"]["b"][out_layout], rate=rate)
-        seconds += _bmm_seconds(b, m, n, k, table["matmul"]["a"][out_layout],
-                                table["matmul"]["out"][x_layout], rate=rate)
+                                table["reduce"]["b"][g_layout], rate=rate)
+        seconds += _bmm_seconds(b, m, n, k, table["matmul"]["a"][g_layout],
+                                table["matmul"]["out"][dx_layout], rate=rate)
     return seconds
+
+
+def _operand_copy_seconds(layout: str, numel: int, p: Precision) -> float:
+    """Half precision: an activation operand whose blocks are not outermost is copied to a
+    batch-major pooled buffer before the matmul (`execute._batch_major`), as torch's bf16 bmm
+    would otherwise do itself into a fresh buffer (page faults: 2.5x slower)."""
+    if layout[0] != "M":
+        return 0.0
+    return 2 * p.element_bytes * numel / p.copy_rates["chunks"] + _CALL_SECONDS
 
 
 def _core_seconds(step: Step, blocks, sums, made, sizes, training: bool, p: Precision) -> float:
