@@ -148,7 +148,8 @@ def main():
                 for r in rows:
                     write(asdict(r))
     rows = [r for r in load_rows(csv_path) if r.device == machine(args.device)]
-    title = "Structures vs dense nn.Linear (torch path = execution plans)"
+    title = ("Structures vs dense nn.Linear (default path: execution plans, or the dense map where the "
+             "plan finds it faster)")
     text = [f"# {title}", "", f"Machine: {machine(args.device)}.", "", "## Issue 12 targets", "",
             *targets(rows), "", "## Tables", "", format_table(rows)]
     (args.out / "layers.md").write_text("\n".join(text) + "\n")

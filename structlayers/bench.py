@@ -2,9 +2,10 @@
 
 A transformer-MLP-like pair of layers, d -> hidden -> d (e.g. 1024 -> 4096 -> 1024), on `tokens`
 rows, in three modes: forward (autograd recording), forward+backward, and inference (no_grad).
-Per structure: parameters, forward FLOPs / dense, time / dense of the torch path (the execution
-plans), of the reference einsum path, and for Monarch of the published two-bmm algorithm; all
-candidates are timed interleaved in this one process, median of `repeats` runs after a warm-up.
+Per structure: parameters, forward FLOPs / dense, time / dense of the default path (on CPU the
+execution plans, or the dense map where a plan decides that is faster), of the reference einsum
+path, and for Monarch of the published two-bmm algorithm; all candidates are timed interleaved in
+this one process, median of `repeats` runs after a warm-up.
 """
 
 import csv
@@ -150,8 +151,11 @@ def run_bench(d: int = 1024, hidden: int = 4096, tokens: int = 2048, specs=DEFAU
     rows = []
     for mode in tqdm(modes, desc=f"time {dtype}", disable=not progress):
         runners = {("nn.Linear", "torch"): _runner(dense, x, grad_y, mode, None)}
+        # the default path a user gets: on CPU "auto" (plans, or the dense map where the plan
+        # decides it is faster); on CUDA "torch" (the plans; the kernels have their own column)
+        default = "auto" if torch.device(device).type == "cpu" else "torch"
         for spec, pair in layers.items():
-            runners[spec, "torch"] = _runner(pair, x, grad_y, mode, "torch")
+            runners[spec, "torch"] = _runner(pair, x, grad_y, mode, default)
             if einsum:
                 runners[spec, "einsum"] = _runner(pair, x, grad_y, mode, "einsum")
             if spec in two_bmm:

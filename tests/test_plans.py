@@ -354,13 +354,15 @@ def test_half_plans_never_write_column_major(spec, i, o):
 
 @pytest.mark.parametrize("spec", ["monarch", "btt:rank=2,cores=3", "tt:cores=3,rank=4", "tucker:rank=0.2"])
 def test_half_plans_match_the_einsum_program(spec):
-    """The half-precision layouts compute the same map: forward and every gradient in bf16 within
-    bf16 rounding of the float64 einsum program (run directly, whichever dtype this CPU's plans
-    would pick for bf16)."""
+    """The half-precision layouts (and the bias added inside the last matmul) compute the same
+    map: forward and every gradient in bf16 within bf16 rounding of the float64 einsum program
+    (run directly, whichever dtype this CPU's plans would pick for bf16)."""
     from structlayers.execute import _planned
 
     torch.manual_seed(0)
     exact = sl.build(spec, 128, 192, dtype=torch.float64)
+    with torch.no_grad():
+        exact.bias.normal_()  # zero at init: a bias added in the wrong place would pass
     half = sl.build(spec, 128, 192, dtype=torch.bfloat16)
     half.load_state_dict(exact.state_dict())
     exact.load_state_dict(half.state_dict())
@@ -369,12 +371,12 @@ def test_half_plans_match_the_einsum_program(spec):
     xe = x.double().requires_grad_()
     with sl.backend("einsum"):
         ye = exact(xe)
-    ref = torch.autograd.grad(ye, [xe, *exact._cores().values()], grad_y)
+    ref = torch.autograd.grad(ye, [xe, *exact._cores().values(), exact.bias], grad_y)
     plan = make_plan(half.program, 64, True, "half")
     cores = half._cores()
     xh = x.clone().requires_grad_()
-    yh = _planned(plan, xh, [cores[mm.step.core] for mm in plan.matmuls], None)
-    got = torch.autograd.grad(yh, [xh, *cores.values()], grad_y.bfloat16())
+    yh = _planned(plan, xh, [cores[mm.step.core] for mm in plan.matmuls], half.bias)  # bias fused
+    got = torch.autograd.grad(yh, [xh, *cores.values(), half.bias], grad_y.bfloat16())
     for a, b in zip((yh, *got), (ye, *ref), strict=True):
         assert a.dtype == torch.bfloat16
         assert ((a.double() - b).abs().max() / b.abs().max()).item() < 0.03
