@@ -224,7 +224,7 @@ def _materialises(plan: Plan, x, operands, bias) -> bool:
     in half precision on CPU, where dense GEMMs run 4x faster than the batched ones and torch's
     copies and half bmm layouts are far less even than the cost model's (measured off by 2-3x),
     one measurement of both paths at the first call of each plan decides and is cached."""
-    if plan.precision != "half" or x.device.type != "cpu":
+    if plan.precision != "half":  # half plans are CPU plans (run_plan)
         return plan.materialise
     if plan not in _measured:
         import time

@@ -148,7 +148,7 @@ def _dense_seconds(program: Program, tokens: int, training: bool, p: "Precision"
     gemm = _bmm_seconds(1, tokens, n_in, n_out, rate=p.gemm_rate)
     # small einsums of cores run far below GEMM rate; W is a fresh buffer each call
     build = (dense_flops(program) / (0.25 * p.bmm_rate)
-             + p.element_bytes * n_in * n_out / _COPY_RATES["chunks"] + len(program.steps) * _CALL_SECONDS)
+             + p.element_bytes * n_in * n_out / p.copy_rates["chunks"] + len(program.steps) * _CALL_SECONDS)
     return 3 * (gemm + build) if training else gemm + build
 
 
@@ -273,13 +273,16 @@ class Precision:
     gemm_rate: float  # FLOP/s of one large dense GEMM (the materialised layer's F.linear)
     element_bytes: int
     copy_rates: dict  # bytes/s of the copy kinds (`_copy_seconds`)
+    layouts: dict  # batched-matmul efficiency by layout (`_LAYOUT_EFFICIENCY`)
 
 
-PRECISIONS = {"float32": Precision("float32", _GEMM_RATE, _GEMM_RATE, 4, _COPY_RATES),
+PRECISIONS = {"float32": Precision("float32", _GEMM_RATE, _GEMM_RATE, 4, _COPY_RATES,
+                                   _LAYOUT_EFFICIENCY["float32"]),
               # bf16 on the AMX Xeon: 750 GFLOP/s batched, 2.9 TFLOP/s dense; torch's bf16 copy
               # that moves single elements across tokens ran at 1.2 GB/s (fp32: 5-18)
               "half": Precision("half", 600e9, 2400e9, 2,
-                                {"same": 58e9, "chunks": 30e9, "per token": 20e9, "across tokens": 1.5e9})}
+                                {"same": 58e9, "chunks": 30e9, "per token": 20e9, "across tokens": 1.5e9},
+                                _LAYOUT_EFFICIENCY["half"])}
 
 
 def _layout(order, blocks, rows, cols) -> str:
@@ -302,7 +305,7 @@ def _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes, trainin
                     p: Precision) -> float:
     """Forward, and for training the two backward matmuls, of one activation-core matmul."""
     b, m, k, n = (prod(sizes[mode] for mode in part) for part in (blocks, rows, sums, made))
-    table, rate = _LAYOUT_EFFICIENCY[p.name], p.bmm_rate
+    table, rate = p.layouts, p.bmm_rate
     x_layout = _layout(x_order, blocks, rows, sums)
     out_layout = _layout(out_order, blocks, rows, made)
     seconds = 0.0
