@@ -73,12 +73,15 @@ def layer_ranks(weight: torch.Tensor, kind: str, budget, cores: int = 2) -> str:
 
 
 def auto(kind: str, budget, cores: int = 2):
-    """A structurize chooser: (name, linear) -> the spec `layer_ranks` picks for its weight."""
+    """A structurize chooser: (name, module) -> the spec `layer_ranks` picks for its weight."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
-    def choose(name, linear):
-        return layer_ranks(linear.weight, kind, budget, cores)
+    def choose(name, module):
+        from structlayers.linear_like import adapter_of, read_linear
+
+        weight, _ = read_linear(module, adapter_of(module))  # (out, in), also for GPT-2's Conv1D
+        return layer_ranks(weight, kind, budget, cores)
 
     return choose
 
