@@ -190,7 +190,7 @@ class StructuredLinear(nn.Module):
         for _ in range(impute_iters if self.padded else 0):
             full.copy_(self._dense_of(cores, crop=False))
             full[: self.out_features, : self.in_features] = target
-            candidate = self._project(full)
+            candidate = self._reproject(full, cores)
             new_error = self._dense_of(candidate) - target
             if new_error.norm() >= error.norm():
                 break
@@ -239,6 +239,11 @@ class StructuredLinear(nn.Module):
     def _project(self, weight: torch.Tensor) -> dict:
         """Cores (name -> float64 tensor) approximating weight (padded_out, padded_in)."""
         raise NotImplementedError(f"{type(self).__name__} has no projection")
+
+    def _reproject(self, weight: torch.Tensor, previous: dict) -> dict:
+        """The projection again, after the padding was refilled from `previous` (an iterative
+        projection may start from it)."""
+        return self._project(weight)
 
 
 def _check_matrix(weight) -> tuple[int, int]:
