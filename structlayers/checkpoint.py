@@ -59,12 +59,17 @@ def load_structured_state(model: nn.Module, plan: dict, state_dict: dict, strict
               if name and id(module) in planned}  # every name of a shared module
     restructure(model, plan)
     try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        expected = model.state_dict()
         tied = _tied_names(model, state_dict)
-        missing = [k for k in missing if k not in tied]
-        if strict and (missing or unexpected):
+        missing = [k for k in expected if k not in state_dict and k not in tied]
+        unexpected = [k for k in state_dict if k not in expected]
+        misfit = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+                  for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+        if misfit or (strict and (missing or unexpected)):  # checked before anything is copied
             raise ValueError(f"the weights in {source} do not fit the model restructured by "
-                             f"their plan: missing {missing[:8]}, unexpected {unexpected[:8]}")
+                             f"their plan: shapes {misfit[:8]}, missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        model.load_state_dict(state_dict, strict=False)
     except Exception:
         for name, module in backup.items():  # leave the model as it was given
             parent, _, child = name.rpartition(".")
