@@ -10,6 +10,7 @@ evaluation/time budgets and a JSON-lines log that a restarted search resumes fro
 """
 
 from .baselines import tr_svd, tt_svd
+from .budget import Allocation, ModelBudget, budget
 from .fit import Fit, fit_adam, fit_als
 from .greedy import greedy
 from .layers import auto, layer_ranks
@@ -20,6 +21,7 @@ from .tnale import tnale
 from .tnls import tnls
 from .tucker import TuckerShape, tucker_error, tucker_params, tucker_ranks
 
-__all__ = ["BudgetExhausted", "Evaluation", "Evaluator", "Fit", "SearchResult", "Structure", "TuckerShape",
-           "auto", "fit_adam", "fit_als", "greedy", "layer_ranks", "tnale", "tnls", "tr_svd", "tt_svd",
-           "tucker_error", "tucker_params", "tucker_ranks"]
+__all__ = ["Allocation", "BudgetExhausted", "Evaluation", "Evaluator", "Fit", "ModelBudget",
+           "SearchResult", "Structure", "TuckerShape", "auto", "budget", "fit_adam", "fit_als",
+           "greedy", "layer_ranks", "tnale", "tnls", "tr_svd", "tt_svd", "tucker_error",
+           "tucker_params", "tucker_ranks"]

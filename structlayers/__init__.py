@@ -17,3 +17,11 @@ __all__ = [
     "save_pretrained", "structurize", "unregister_linear_like",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # sl.search without importing the search package at `import structlayers`
+    if name == "search":
+        import importlib
+
+        return importlib.import_module(".search", __name__)
+    raise AttributeError(f"module 'structlayers' has no attribute {name!r}")
