@@ -313,3 +313,18 @@ def test_timm_vit_structurize_save_reload(tmp_path):
                               num_classes=10)
     torch.testing.assert_close(sl.load(fresh, tmp_path / "vit.pt").eval()(images), reference)
     assert os.path.getsize(tmp_path / "vit.pt") > 0
+
+
+def test_the_hf_causal_lm_example_runs_end_to_end():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "hf_causal_lm.py"
+    result = subprocess.run([sys.executable, str(example), "--steps", "3", "--finetune", "2",
+                             "--width", "32", "--layers", "1", "--batch-size", "2",
+                             "--block-size", "16", "--kinds", "lowrank,btt"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "total (7 layers)" in result.stdout
+    assert "identical logits: True" in result.stdout
