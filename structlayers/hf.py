@@ -14,6 +14,7 @@ transformers is imported only by the functions here that need it (safetensors li
 import json
 import os
 
+import torch
 from torch import nn
 
 from .checkpoint import load_plan, load_structured_state, save_plan
@@ -67,11 +68,16 @@ def from_pretrained(model_class, directory, dtype=None, device=None, strict: boo
     if getattr(config, "transformers_weights", None) == REFUSAL:
         del config.transformers_weights
     model = model_class(config)
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
-    elif getattr(config, "dtype", None) is not None:
-        model.to(dtype=config.dtype)
+    saved_dtype = getattr(config, "dtype", None)
+    if isinstance(saved_dtype, str):  # "float32" in some versions' config.json
+        saved_dtype = getattr(torch, saved_dtype, None)
+    model.to(device=device, dtype=dtype or saved_dtype)
     load_structured_state(model, plan, _read_weights(directory), strict, directory)
+    if os.path.isfile(os.path.join(directory, "generation_config.json")) \
+            and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
 
 
@@ -92,8 +98,6 @@ def _read_weights(directory: str) -> dict:
         return state
     legacy = os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(legacy):
-        import torch
-
         return torch.load(legacy, map_location="cpu", weights_only=True)
     raise ValueError(f"{directory} has a plan but no weights (model.safetensors, its index, or "
                      f"pytorch_model.bin)")
