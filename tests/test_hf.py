@@ -170,11 +170,11 @@ def test_save_and_load_any_module_with_its_plan(tmp_path):
     torch.testing.assert_close(logits(loaded, tokens()), reference, rtol=0, atol=0)
 
 
-def test_structurized_model_compiles(tmp_path):
+def test_structurized_model_compiles():
     model = build("gpt2")
     sl.structurize(model, "btt:rank=2", include=BLOCKS, project=True)
     ids = tokens()
-    compiled = torch.compile(model, backend="eager")
+    compiled = torch.compile(model)  # inductor: about 10 s here
     torch.testing.assert_close(logits(compiled, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
