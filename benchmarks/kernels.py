@@ -137,7 +137,7 @@ def run_timings(args):
     jobs = [(d, t, s, p) for d in args.dims for s in args.structures for t in args.tokens
             for p in ("forward", "forward+backward")]
     with append_rows(csv_path, FIELDS) as write:
-        for d, tokens, structure, pass_ in tqdm(jobs, desc="kernels", unit="case"):
+        for d, tokens, structure, pass_ in tqdm(jobs, desc="kernels", unit="case", disable=None):
             if (str(d), str(tokens), structure, pass_) in done:
                 continue
             torch.manual_seed(0)
@@ -188,7 +188,7 @@ def run_resources(args):
     tokens = max(args.tokens)
     rows = []
     cases = [(d, s) for d in args.dims for s in args.structures]
-    for d, structure in tqdm(cases, desc="compiling for sm_90", unit="layer"):
+    for d, structure in tqdm(cases, desc="compiling for sm_90", unit="layer", disable=None):
         dims = btt_dims(build_layer(structure, d, "meta", dtype).program)
         for role, (module, kernel, kernel_args) in aot.btt_launches(dims, tokens, dtype).items():
             for config in module.CONFIGS:

@@ -110,7 +110,7 @@ def main():
     done = {(r["structure"], r["mode"], r["seed"], r["width"], r["steps"]) for r in read_rows(csv_path)}
     jobs = [(s, m, seed) for s in args.structures for m in args.modes for seed in range(args.seeds)]
     with append_rows(csv_path, FIELDS) as write:
-        for structure, mode, seed in tqdm(jobs, desc="training", unit="run"):
+        for structure, mode, seed in tqdm(jobs, desc="training", unit="run", disable=None):
             if (structure, mode, str(seed), str(args.width), str(args.steps)) in done:
                 continue
             row, model = train(structure, mode, seed, args.width, args.steps, data)

@@ -11,8 +11,13 @@ already fitted. Fits are seeded by the structure, so a result never depends on t
 worker that computed it.
 """
 
+import ctypes
 import hashlib
 import json
+import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -50,6 +55,31 @@ def objective(structure: Structure, rse: float, lam: float) -> float:
     return structure.num_params / structure.num_entries + lam * rse
 
 
+def _die_with_parent(parent: int):
+    """Worker initializer: end this worker when the search process `parent` ends, even by
+    SIGKILL (then no shutdown runs, and an orphaned worker would fit forever). Linux's
+    parent-death signal where the parent forked us, and a watcher thread everywhere."""
+    if sys.platform.startswith("linux") and os.getppid() == parent:
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    def watch():
+        while True:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # exists, owned by someone else: not ours any more
+                os._exit(1)
+            time.sleep(0.25)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
 def _fit_job(target, key: str, fit_kwargs: dict, rse_kind: str):
     """One fit in a worker: (key, rse, seconds, cores)."""
     start = time.perf_counter()
@@ -66,13 +96,14 @@ class Evaluator:
     lam: weight of the RSE in the objective. rse: "squared" or "plain". fit: keyword arguments
     for fit_als (max_sweeps, tol, restarts). executor: an Executor to fit with (not shut down
     here); else `workers` processes (1: fit in this process). log: a JSON-lines path to append
-    to and resume from. max_evaluations / max_seconds: budgets. progress: a tqdm bar.
+    to and resume from. max_evaluations / max_seconds: budgets. progress: a tqdm bar (None:
+    only when stderr is a terminal).
     """
 
     def __init__(self, target, lam: float = 200.0, rse: str = "squared", fit: dict | None = None,
                  executor: Executor | None = None, workers: int = 1, log=None,
                  max_evaluations: int | None = None, max_seconds: float | None = None,
-                 progress: bool = True):
+                 progress: bool | None = None):
         self.target = check_target(target)
         if not (isinstance(lam, int | float) and lam >= 0 and np.isfinite(lam)):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -92,8 +123,13 @@ class Evaluator:
         self.log = Path(log) if log is not None else None
         if self.log is not None:
             self._open_log()
-        self.bar = tqdm(total=max_evaluations, desc="evaluations", unit="fit", disable=not progress,
-                        initial=len(self.cache))
+        if progress not in (None, True, False):
+            raise ValueError(f"progress must be None (a bar on a terminal only), True or False, "
+                             f"got {progress!r}")
+        # disable=None: tqdm shows the bar only when stderr is a terminal, so logs and CI output
+        # never fill with carriage-return updates
+        self.bar = tqdm(total=max_evaluations, desc="evaluations", unit="fit",
+                        disable=None if progress is None else not progress, initial=len(self.cache))
 
     # --- the log -----------------------------------------------------------------------------
     def _header(self) -> dict:
@@ -185,7 +221,8 @@ class Evaluator:
         executor = self._executor
         if executor is None and self.workers > 1 and len(keys) > 1:
             if self._own_executor is None:
-                self._own_executor = ProcessPoolExecutor(self.workers)
+                self._own_executor = ProcessPoolExecutor(
+                    self.workers, initializer=_die_with_parent, initargs=(os.getpid(),))
             executor = self._own_executor
         if executor is None:
             for key in keys:

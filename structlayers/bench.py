@@ -139,7 +139,7 @@ def run_bench(d: int = 1024, hidden: int = 4096, tokens: int = 2048, specs=DEFAU
     dense = (nn.Linear(d, hidden, dtype=dt, device=device),
              nn.Linear(hidden, d, dtype=dt, device=device))
     layers, errors = {}, {}
-    for spec in tqdm(specs, desc="build", disable=not progress):
+    for spec in tqdm(specs, desc="build", disable=None if progress else True):
         pair = (build(spec, d, hidden), build(spec, hidden, d))
         errors[spec] = pair[0].project_(random_weight) if project else NAN
         layers[spec] = tuple(layer.to(device, dt) for layer in pair)
@@ -149,7 +149,7 @@ def run_bench(d: int = 1024, hidden: int = 4096, tokens: int = 2048, specs=DEFAU
              if torch.device(device).type == "cuda" and all(_has_kernel(m) for m in pair)}
     dense_flops = 2 * 2 * d * hidden * tokens
     rows = []
-    for mode in tqdm(modes, desc=f"time {dtype}", disable=not progress):
+    for mode in tqdm(modes, desc=f"time {dtype}", disable=None if progress else True):
         runners = {("nn.Linear", "torch"): _runner(dense, x, grad_y, mode, None)}
         # the default path a user gets: on CPU "auto" (plans, or the dense map where the plan
         # decides it is faster); on CUDA "torch" (the plans; the kernels have their own column)

@@ -135,7 +135,7 @@ def _search(args):
               f"energy kept {shape.kept_energy:.6f}, {shape.seconds:.2f} s")
         return
     common = {"max_evaluations": args.budget, "max_seconds": args.seconds, "workers": args.workers,
-              "log": args.log, "lam": args.lam, "progress": not args.quiet}
+              "log": args.log, "lam": args.lam, "progress": False if args.quiet else None}
     if args.method == "greedy":
         result = greedy_search(target, max_rank=args.max_rank, **common)
     else:
@@ -217,7 +217,7 @@ def make_parser() -> argparse.ArgumentParser:
     search.add_argument("--workers", type=_positive, default=1, help="fitting processes")
     search.add_argument("--log", help="JSON-lines log to append to and resume from")
     search.add_argument("--out", help="where to write the cores (.npz; default TARGET.cores.npz)")
-    search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.add_argument("--quiet", action="store_true", help="no progress bar (shown on a terminal only)")
     search.set_defaults(run=_search)
     return parser
 

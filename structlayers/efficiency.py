@@ -67,7 +67,7 @@ def sweep(task: Task, jobs, path: Path, progress: bool = True, points: int = 12)
     path = Path(path)
     done = {_run_key(r) for r in load_runs(path)}
     with append_rows(path, FIELDS) as write:
-        for job in tqdm(jobs, desc=f"{task.name} runs", unit="run", disable=not progress):
+        for job in tqdm(jobs, desc=f"{task.name} runs", unit="run", disable=None if progress else True):
             if _job_key(task, job) in done:
                 continue
             structure, width, lr, parameterization, steps, seed = job

@@ -2,6 +2,11 @@
 resumable log) and the searches on tensors with known ground truth."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -383,3 +388,65 @@ def test_tnale_composes_disjoint_improving_transpositions():
     best = candidates[int(np.argmin(scores))][1]
     assert best == truth and min(scores) == 0
     assert len(fitted) == 1 + 15 + 1  # current, every transposition, one composition
+
+
+# --- the processes and the terminal -------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_worker_processes_die_when_the_search_is_killed():
+    script = ("import numpy as np\nfrom structlayers.search import Structure, tnale\n"
+              "truth = Structure.tensor_ring((4,) * 8, (3,) * 8)\n"
+              "target = truth.contract(truth.random_cores(np.random.default_rng(0)))\n"
+              "tnale(target, max_evaluations=100000, workers=2, progress=False)\n")
+    search = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(search.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) == 2, "the search did not start its 2 workers"
+        time.sleep(0.5)  # workers busy fitting
+    finally:
+        search.kill()  # SIGKILL: no shutdown code runs in the search process
+        search.wait()
+    deadline = time.monotonic() + 5
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived the killed search"
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    _, target = ring_target((3, 3, 3), (2, 2, 2), (0, 1, 2))
+    assert Evaluator(target).bar.disable  # pytest's stderr is not a terminal: no bar
+    assert not Evaluator(target, progress=True).bar.disable
+    with pytest.raises(ValueError, match="progress must be"):
+        Evaluator(target, progress="yes")
+    np.save(tmp_path / "t.npy", target)
+    result = subprocess.run([sys.executable, "-m", "structlayers.cli", "search", str(tmp_path / "t.npy"),
+                             "--budget", "20"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "evaluations" not in result.stderr
+    assert "tnale: ranks" in result.stdout
