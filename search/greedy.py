@@ -4,9 +4,13 @@ network structures").
 Start with every bond at rank 1 (no edges) between all pairs of cores. Each step tries +1 on every
 pair (new edges included) and scores the candidate cheaply: `score_sweeps` ALS sweeps warm-started
 from the current cores, the new slices small and random. The best-scoring increment is refitted
-in full (an evaluation, through the Evaluator); the search stops when no increment lowers the
-objective, when the squared RSE is below `rse_target`, or at the budget. The graph is general, so
-no permutation is searched.
+in full (an evaluation, through the Evaluator) and taken, even when the objective does not drop:
+the method is defined by its loss target, so it stops when the squared RSE is below
+`rse_target`, when every bond is at `max_rank`, or at the budget, never at the first plateau of
+the objective. A final pruning pass (`prune`) lowers single bonds (to no edge at rank 1) of the
+structure that reached the target, then of the best seen, while that lowers the objective, so the
+answer is not larger than needed. The answer is the best objective seen. The graph is general,
+so no permutation is searched.
 """
 
 import numpy as np
@@ -17,8 +21,9 @@ from .runner import BudgetExhausted, Evaluator, objective
 from .structure import Structure
 
 
-def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: int = 3, seed: int = 0,
-           evaluator: Evaluator | None = None, **evaluator_args) -> SearchResult:
+def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: int = 3,
+           prune: bool = True, seed: int = 0, evaluator: Evaluator | None = None,
+           **evaluator_args) -> SearchResult:
     """Greedy structure search on the full graph; see the module doc."""
     evaluator = evaluator or Evaluator(target, **evaluator_args)
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
@@ -42,16 +47,29 @@ def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: in
                     scoring_fits += 1
                     rse = fit.rse if evaluator.rse_kind == "squared" else np.sqrt(fit.rse)
                     scored.append((objective(candidate, rse, evaluator.lam), candidate))
-            if not scored:
+            if not scored:  # every bond at max_rank
                 break
-            _, best = min(scored, key=lambda pair: pair[0])
-            refit = evaluator(best)
-            if refit.objective >= current.objective:
-                break
-            structure, current = best, refit
+            _, structure = min(scored, key=lambda pair: pair[0])
+            current = evaluator(structure)
+        if prune:  # from the structure that reached the target, and from the best seen
+            _prune(evaluator, current)
+            _prune(evaluator, evaluator.best())
     except BudgetExhausted:
         pass
     return finish(evaluator, "greedy", scoring_fits)
+
+
+def _prune(evaluator: Evaluator, best):
+    """Lower one bond at a time (rank 1 removes the edge) while that lowers the objective."""
+    while True:
+        structure = best.structure
+        candidates = [structure.with_rank(a, b, r - 1) for (a, b), r in structure.edges().items()]
+        if not candidates:
+            return best
+        trial = min(evaluator.evaluate(candidates), key=lambda e: e.objective)
+        if trial.objective >= best.objective - 1e-12:
+            return best
+        best = trial
 
 
 def _grow(cores, old: Structure, new: Structure, a: int, b: int, rng) -> list:

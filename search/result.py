@@ -10,6 +10,13 @@ TOPOLOGIES = ("tr", "tt")
 
 @dataclass
 class SearchResult:
+    """The best structure a search evaluated, and how sure the search is of it.
+
+    restarts: independent descents the search ran (its first included); agreeing: how many of
+    them ended at the best objective (1 of 5: a lucky local optimum; 5 of 5: every descent
+    found it). runners_up: the next best distinct structures evaluated, best first.
+    """
+
     structure: Structure
     cores: list = field(repr=False)
     rse: float
@@ -18,6 +25,9 @@ class SearchResult:
     seconds: float
     method: str
     scoring_fits: int = 0  # cheap fits outside the evaluator (greedy's warm-started scoring)
+    restarts: int = 1
+    agreeing: int = 1
+    runners_up: list = field(default_factory=list, repr=False)  # [Evaluation], best first
 
     @property
     def compression(self) -> float:
@@ -31,15 +41,65 @@ class SearchResult:
                 f"({self.structure.num_params:,} params), objective {self.objective:.4g}, "
                 f"{self.evaluations} evaluations"
                 + (f" + {self.scoring_fits} scoring fits" if self.scoring_fits else "")
-                + f", {self.seconds:.1f} s")
+                + f", {self.seconds:.1f} s; " + (f"{self.agreeing} of {self.restarts} descents "
+                                                   f"reached it" if self.restarts else
+                                                   "the budget ended the first descent")
+                + "".join(f"\n  runner-up: {e.structure.num_params:,} params, RSE "
+                                  f"{e.rse:.3g}, objective {e.objective:.4g}"
+                                  for e in self.runners_up))
 
 
-def finish(evaluator: Evaluator, method: str, scoring_fits: int = 0) -> SearchResult:
+def same_objective(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+
+
+def finish(evaluator: Evaluator, method: str, scoring_fits: int = 0, restarts: int = 1,
+           agreeing: int = 1, runners_up: int = 3) -> SearchResult:
+    """The result: the evaluator's best, with the next `runners_up` distinct structures."""
     best = evaluator.best()
+    ranked = sorted(evaluator.cache.values(), key=lambda e: e.objective)
+    others = [e for e in ranked if e.structure.key() != best.structure.key()][:runners_up]
     result = SearchResult(best.structure, evaluator.cores_of(best), best.rse, best.objective,
-                          evaluator.evaluations, evaluator.seconds, method, scoring_fits)
+                          evaluator.evaluations, evaluator.seconds, method, scoring_fits,
+                          restarts, agreeing, others)
     evaluator.close()
     return result
+
+
+def agreement(descents: list[float], before_pruning: float) -> int:
+    """How many descents ended where the answer came from (the final pruning starts from the
+    best descent, so every descent that reached that objective leads to the same answer)."""
+    return sum(same_objective(d, before_pruning) for d in descents)
+
+
+def check_restarts(restarts, restart_patience):
+    if restarts is not None and (isinstance(restarts, bool) or not isinstance(restarts, int)
+                                 or restarts < 0):
+        raise ValueError(f"restarts must be None (until the budget or patience) or an int >= 0, "
+                         f"got {restarts!r}")
+    if isinstance(restart_patience, bool) or not isinstance(restart_patience, int) \
+            or restart_patience < 1:
+        raise ValueError(f"restart_patience must be a positive int, got {restart_patience!r}")
+
+
+def keep_restarting(attempt: int, restarts, stale: int, restart_patience: int) -> bool:
+    """Whether to restart after descent `attempt` (0-based): within `restarts` (None: no limit,
+    the evaluator's budget ends the search) and fewer than `restart_patience` descents in a row
+    that did not improve the best."""
+    return (restarts is None or attempt < restarts) and stale < restart_patience
+
+
+def prune_ring(evaluate, ranks, perm, best: float):
+    """Lower one rank at a time while that lowers the objective: (ranks, best)."""
+    while True:
+        candidates = [(ranks[:k] + [r - 1] + ranks[k + 1:], perm) for k, r in enumerate(ranks) if r > 1]
+        if not candidates:
+            return ranks, best
+        scores = [e.objective for e in evaluate(candidates)]
+        choice = min(range(len(scores)), key=scores.__getitem__)
+        if scores[choice] >= best - 1e-12:
+            return ranks, best
+        ranks, best = list(candidates[choice][0]), scores[choice]
 
 
 def ring_structure(sizes, topology: str, ranks, perm) -> Structure:

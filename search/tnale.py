@@ -16,17 +16,31 @@ ranks stop moving. When a radius-1 sweep finds nothing, one joint
 move is tried as well (an addition to the paper): a bond one rank lower together with a
 transposition that moves a mode onto or off one of that bond's cores; a local optimum with a rank
 too high often needs exactly that. When that stalls too, the search restarts from a random
-perturbation of the best structure, `restarts` times.
+perturbation of the best structure: until the evaluation or time budget runs out, `restarts`
+restarts were made (None: no limit) or `restart_patience` descents in a row did not improve the
+best. The restarts draw from `seed`, so a rerun with the log retraces the same path without
+refitting. A final pruning pass lowers single ranks of the answer while that lowers the
+objective. The result says how many descents reached the answer (`agreeing` of `restarts`).
 """
 
 import numpy as np
 
-from .result import SearchResult, check_search_args, finish, ring_structure
+from .result import (
+    SearchResult,
+    agreement,
+    check_restarts,
+    check_search_args,
+    finish,
+    keep_restarting,
+    prune_ring,
+    ring_structure,
+)
 from .runner import BudgetExhausted, Evaluator
 
 
 def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, radius: int = 2,
-          permute: bool = True, restarts: int = 2, seed: int = 0, evaluator: Evaluator | None = None,
+          permute: bool = True, restarts: int | None = None, restart_patience: int = 4,
+          prune: bool = True, seed: int = 0, evaluator: Evaluator | None = None,
           **evaluator_args) -> SearchResult:
     """Search ranks (and the permutation, if `permute`) of a tensor ring or train for `target`.
 
@@ -37,6 +51,9 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
     bonds = check_search_args(evaluator.target.shape, topology, max_rank, init_rank)
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
         raise ValueError(f"radius must be a positive int, got {radius!r}")
+    check_restarts(restarts, restart_patience)
+    if restarts is None and evaluator.max_evaluations is None and evaluator.max_seconds is None:
+        restarts = 2 * restart_patience  # no budget: patience alone might never end a flat search
     sizes, n = evaluator.target.shape, evaluator.target.ndim
     rng = np.random.default_rng(seed)
     ranks, perm = [init_rank] * bonds, list(range(n))
@@ -44,10 +61,11 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
     def evaluate(candidates):
         return evaluator.evaluate([ring_structure(sizes, topology, r, p) for r, p in candidates])
 
+    descents, stale = [], 0  # the objective each descent ended at; descents since an improvement
     try:
         best = evaluate([(ranks, perm)])[0].objective
         anchor = (best, ranks, perm)  # the best centre so far: (objective, ranks, perm)
-        for attempt in range(restarts + 1):
+        for attempt in range(10**9):
             perm_productive = True  # did the last permutation enumeration move?
             for sweep_radius, interpolate in ((radius, radius > 1), (1, False)):
                 while True:
@@ -79,9 +97,11 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
                                 best, improved = scores[choice], True
                     if not improved:
                         break
+            descents.append(best)
+            stale = 0 if best < anchor[0] - 1e-12 else stale + 1
             if best < anchor[0]:
                 anchor = (best, ranks, perm)
-            if attempt == restarts:
+            if not keep_restarting(attempt, restarts, stale, restart_patience):
                 break
             # stalled: restart from a random perturbation of the best centre this search reached
             # (its own path, not the evaluator's cache, which a resumed log fills in advance)
@@ -90,9 +110,12 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
             i, j = rng.choice(n, 2, replace=False)
             perm = _swap(perm, i, j) if permute else perm
             best = evaluate([(ranks, perm)])[0].objective
+        if prune:
+            prune_ring(evaluate, list(anchor[1]), list(anchor[2]), anchor[0])
     except BudgetExhausted:
         pass
-    return finish(evaluator, "tnale")
+    return finish(evaluator, "tnale", restarts=len(descents),
+                  agreeing=agreement(descents, min(descents, default=float("nan"))))
 
 
 def _rank_window(evaluate, ranks, perm, k, radius, max_rank, interpolate):

@@ -3,53 +3,99 @@
 Each iteration samples `samples` structures around the centre: every rank moves by a rounded
 Gaussian step (std `sigma`) within [1, max_rank], and with probability `swap_probability` two
 cores exchange their modes. The centre moves to the best sample if it is no worse. sigma and the
-swap probability decay by `decay` per iteration; the search ends after `patience` iterations
-without a move, or when the budget runs out.
+swap probability decay by `decay` per iteration; a descent ends after `patience` iterations
+without a move. Then the search restarts from a perturbation of the best centre (sigma and the
+swap probability reset), as TnALE does: until the budget, `restarts` restarts (None: no limit)
+or `restart_patience` descents in a row without improvement; a final pass prunes single ranks.
 """
 
 import numpy as np
 
-from .result import SearchResult, check_search_args, finish, ring_structure
+from .result import (
+    SearchResult,
+    agreement,
+    check_restarts,
+    check_search_args,
+    finish,
+    keep_restarting,
+    prune_ring,
+    ring_structure,
+)
 from .runner import BudgetExhausted, Evaluator
 
 
 def tnls(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, samples: int | None = None,
          sigma: float = 1.0, swap_probability: float = 0.5, decay: float = 0.97, patience: int = 10,
-         permute: bool = True, seed: int = 0, evaluator: Evaluator | None = None,
+         permute: bool = True, restarts: int | None = None, restart_patience: int = 4,
+         prune: bool = True, seed: int = 0, evaluator: Evaluator | None = None,
          **evaluator_args) -> SearchResult:
     """Local sampling search of a ring's (or train's) ranks and permutation; see the module doc."""
     evaluator = evaluator or Evaluator(target, **evaluator_args)
     bonds = check_search_args(evaluator.target.shape, topology, max_rank, init_rank)
     if not (0 <= swap_probability <= 1 and 0 < decay <= 1 and sigma > 0):
         raise ValueError("need sigma > 0, 0 <= swap_probability <= 1 and 0 < decay <= 1")
+    check_restarts(restarts, restart_patience)
+    if restarts is None and evaluator.max_evaluations is None and evaluator.max_seconds is None:
+        restarts = 2 * restart_patience  # no budget: patience alone might never end a flat search
     sizes, n = evaluator.target.shape, evaluator.target.ndim
     samples = samples or 2 * n
     rng = np.random.default_rng(seed)
     ranks, perm = np.full(bonds, init_rank), np.arange(n)
+    descents, stale = [], 0
+
+    def evaluate(candidates):
+        return evaluator.evaluate([ring_structure(sizes, topology, list(map(int, r)),
+                                                  list(map(int, p))) for r, p in candidates])
+
     try:
-        best = evaluator(ring_structure(sizes, topology, ranks.tolist(), perm.tolist())).objective
-        still = 0
-        while still < patience:
-            candidates = []
-            for _ in range(samples):
-                step = np.rint(rng.normal(0, sigma, bonds)).astype(int)
-                new_ranks = np.clip(ranks + step, 1, max_rank)
-                new_perm = perm.copy()
-                if permute and rng.random() < swap_probability:
-                    i, j = rng.choice(n, 2, replace=False)
-                    new_perm[[i, j]] = new_perm[[j, i]]
-                candidates.append((new_ranks, new_perm))
-            evaluations = evaluator.evaluate([ring_structure(sizes, topology, r.tolist(), p.tolist())
-                                              for r, p in candidates])
-            choice = int(np.argmin([e.objective for e in evaluations]))
-            if evaluations[choice].objective <= best:
-                moved = evaluations[choice].objective < best
-                ranks, perm = candidates[choice]
-                best = evaluations[choice].objective
-                still = 0 if moved else still + 1
-            else:
-                still += 1
-            sigma, swap_probability = max(0.3, sigma * decay), swap_probability * decay
+        best = evaluate([(ranks, perm)])[0].objective
+        anchor = (best, ranks, perm)
+        for attempt in range(10**9):
+            best, ranks, perm = _descend(evaluate, ranks, perm, best, rng, samples, sigma,
+                                         swap_probability, decay, patience, max_rank, permute)
+            descents.append(best)
+            stale = 0 if best < anchor[0] - 1e-12 else stale + 1
+            if best < anchor[0]:
+                anchor = (best, ranks, perm)
+            if not keep_restarting(attempt, restarts, stale, restart_patience):
+                break
+            ranks = np.clip(anchor[1] + rng.integers(-1, 2, bonds), 1, max_rank)
+            perm = anchor[2].copy()
+            if permute:
+                i, j = rng.choice(n, 2, replace=False)
+                perm[[i, j]] = perm[[j, i]]
+            best = evaluate([(ranks, perm)])[0].objective
+        if prune:
+            prune_ring(evaluate, [int(r) for r in anchor[1]], [int(p) for p in anchor[2]], anchor[0])
     except BudgetExhausted:
         pass
-    return finish(evaluator, "tnls")
+    return finish(evaluator, "tnls", restarts=len(descents),
+                  agreeing=agreement(descents, min(descents, default=float("nan"))))
+
+
+def _descend(evaluate, ranks, perm, best, rng, samples, sigma, swap_probability, decay,
+             patience, max_rank, permute):
+    """One local-sampling descent from (ranks, perm): (objective, ranks, perm) where it ended."""
+    bonds, n = len(ranks), len(perm)
+    still = 0
+    while still < patience:
+        candidates = []
+        for _ in range(samples):
+            step = np.rint(rng.normal(0, sigma, bonds)).astype(int)
+            new_ranks = np.clip(ranks + step, 1, max_rank)
+            new_perm = perm.copy()
+            if permute and rng.random() < swap_probability:
+                i, j = rng.choice(n, 2, replace=False)
+                new_perm[[i, j]] = new_perm[[j, i]]
+            candidates.append((new_ranks, new_perm))
+        evaluations = evaluate(candidates)
+        choice = int(np.argmin([e.objective for e in evaluations]))
+        if evaluations[choice].objective <= best:
+            moved = evaluations[choice].objective < best
+            ranks, perm = candidates[choice]
+            best = evaluations[choice].objective
+            still = 0 if moved else still + 1
+        else:
+            still += 1
+        sigma, swap_probability = max(0.3, sigma * decay), swap_probability * decay
+    return best, ranks, perm

@@ -449,4 +449,67 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
                              "--budget", "20"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr and "evaluations" not in result.stderr
-    assert "tnale: ranks" in result.stdout
+    assert "tnale: ranks" in result.stdout and "descents reached it" in result.stdout
+
+
+# --- restarts, pruning, confidence ----------------------------------------------------------------
+def test_pruning_shrinks_a_deliberately_oversized_exact_ring():
+    from structlayers.search.result import prune_ring, ring_structure
+
+    truth, target = ring_target((4, 4, 4, 4), (2, 2, 2, 2), (0, 1, 2, 3), seed=1)
+    evaluator = Evaluator(target, fit={"restarts": 3}, progress=False)
+
+    def evaluate(candidates):
+        return evaluator.evaluate([ring_structure(truth.sizes, "tr", r, p) for r, p in candidates])
+
+    start = [3, 3, 3, 3]  # exact, every bond one above the truth
+    start_objective = evaluate([(start, [0, 1, 2, 3])])[0].objective
+    ranks, objective = prune_ring(evaluate, start, [0, 1, 2, 3], start_objective)
+    pruned = evaluator(ring_structure(truth.sizes, "tr", ranks, [0, 1, 2, 3]))
+    assert ranks == [2, 2, 2, 2] and pruned.rse <= 1e-8
+    assert objective == pruned.objective < start_objective
+
+
+def test_greedy_does_not_stop_at_the_first_plateau():
+    """On this ring the previous stop rule ended after 8 evaluations at squared RSE 4.4e-4."""
+    rng = np.random.default_rng(777400)
+    truth = Structure.tensor_ring((3, 4, 3, 4), (2, 2, 2, 3), (1, 2, 0, 3))
+    target = truth.contract(truth.random_cores(rng))
+    log_free = Evaluator(target, progress=False)
+    result = greedy(target, evaluator=log_free, rse_target=1e-8, prune=False)
+    reached = [e for e in log_free.cache.values() if e.rse <= 1e-8]
+    assert reached, "greedy stopped before its loss target"
+    assert result.objective == min(e.objective for e in log_free.cache.values())
+
+
+def test_restarts_run_until_patience_and_report_agreement():
+    truth, target = ring_target((4, 4, 4, 4), (2, 3, 1, 2), (2, 0, 3, 1))
+    result = tnale(target, restart_patience=2, max_evaluations=3000, progress=False)
+    assert result.restarts >= 3  # the first descent, then restarts until 2 in a row found nothing
+    assert 1 <= result.agreeing <= result.restarts
+    assert result.runners_up and all(e.objective >= result.objective for e in result.runners_up)
+    assert "descents reached it" in result.summary() and "runner-up" in result.summary()
+    single = tnale(target, restarts=0, max_evaluations=3000, progress=False)
+    assert single.restarts == 1
+    sampled = tnls(target, restart_patience=2, max_evaluations=600, progress=False)
+    assert sampled.restarts >= 1 and sampled.agreeing <= sampled.restarts
+
+
+def test_a_rerun_with_the_log_retraces_the_restarts_without_refitting(tmp_path):
+    _, target = ring_target((3, 4, 3, 4), (2, 3, 1, 2), (2, 0, 3, 1))
+    log = tmp_path / "run.jsonl"
+    first = tnale(target, restart_patience=2, max_evaluations=2000, log=log, progress=False)
+    lines = len(log.read_text().splitlines())
+    again = tnale(target, restart_patience=2, max_evaluations=2000, log=log, progress=False)
+    assert len(log.read_text().splitlines()) == lines  # nothing refitted
+    assert (again.structure, again.restarts, again.agreeing) == (first.structure, first.restarts,
+                                                                 first.agreeing)
+
+
+@pytest.mark.parametrize("kwargs", [{"restarts": -1}, {"restarts": 1.5}, {"restart_patience": 0},
+                                    {"restart_patience": True}])
+def test_bad_restart_settings(kwargs):
+    _, target = ring_target((3, 3, 3), (2, 2, 2), (0, 1, 2))
+    for search in (tnale, tnls):
+        with pytest.raises(ValueError, match="restart"):
+            search(target, progress=False, **kwargs)
