@@ -446,7 +446,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path):
         Evaluator(target, progress="yes")
     np.save(tmp_path / "t.npy", target)
     result = subprocess.run([sys.executable, "-m", "structlayers.cli", "search", str(tmp_path / "t.npy"),
-                             "--budget", "20"], capture_output=True, text=True, timeout=120)
+                             "--budget", "300"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "\r" not in result.stderr and "evaluations" not in result.stderr
     assert "tnale: ranks" in result.stdout and "descents reached it" in result.stdout
