@@ -55,9 +55,10 @@ def run_synthetic(args):
     fields = ["order", "seed", "method", "success", "first_success", "evaluations", "seconds", "rse",
               "compression", "truth_compression", "ranks", "truth_ranks"]
     done = _done(out, ("order", "seed", "method"))
-    orders, seeds = ((4, 6), 2) if args.quick else ((4, 6, 8), args.seeds)
+    orders, seeds = ((4, 6), 2) if args.quick else (tuple(args.orders), args.seeds)
     with append_rows(out, fields) as write:
-        for seed in range(0 if args.report_only else seeds):  # seed-major: a cut run covers every order
+        first = args.first_seed  # seed-major: a cut run covers every order
+        for seed in range(first, first if args.report_only else first + seeds):
             for order in orders:
                 truth, target = hidden_ring(order, seed)
                 for method, search in METHODS.items():
@@ -259,6 +260,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=["synthetic", "images", "tucker", "all"])
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="synthetic: seeds first..first+seeds-1 (fresh ones: 100 and up)")
+    parser.add_argument("--orders", type=int, nargs="+", default=[4, 6, 8], help="synthetic: ring orders")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=600, help="time budget per search run")
     parser.add_argument("--lam", type=float, default=5.0, help="objective weight of the RSE for images")
