@@ -136,7 +136,7 @@ class StructuredLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"input last dim must be in_features={self.in_features}, got shape {tuple(x.shape)}"
             )

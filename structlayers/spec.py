@@ -20,9 +20,12 @@ def parse_spec(spec: str) -> tuple[type[StructuredLinear], dict]:
     kwargs = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
             raise ValueError(f"spec {spec!r}: expected key=value, got {item!r}")
-        kwargs[key.strip()] = _parse_value(value.strip())
+        if key in kwargs:
+            raise ValueError(f"spec {spec!r} sets {key!r} twice")
+        kwargs[key] = _parse_value(value)
     return cls, kwargs
 
 

@@ -659,12 +659,29 @@ def test_project_rejects_wrong_shapes():
     ("btt:rank=0", ValueError, "rank"),
     ("tt:rank=2.5", TypeError, "rank"),
     ("monarch:blocks=many", TypeError, "blocks"),
+    ("btt:rank=2,rank=3", ValueError, "sets 'rank' twice"),  # was: silently rank 3
+    ("btt:rank=", ValueError, "'btt:rank=': expected key=value"),
+    ("tucker:rank=1.5", ValueError, "(0, 1]"),  # was: more parameters than dense
+    ("tucker:rank=0.0", ValueError, "(0, 1]"),
     (42, TypeError, "spec"),
     (None, TypeError, "spec"),
 ])
 def test_bad_specs(spec, error, word):
     with pytest.raises(error, match=re.escape(word)):
         sl.build(spec, 8, 12)
+
+
+def test_a_0d_input_names_in_features():
+    with pytest.raises(ValueError, match="in_features=12"):  # was: IndexError
+        sl.BTT(12, 8)(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.25, 0.6, 1.0])
+@pytest.mark.parametrize("sizes", [(16, 16), (64, 48), (96, 200)])
+def test_tucker_float_rank_spends_at_most_that_fraction_of_dense(fraction, sizes):
+    layer = sl.Tucker(*sizes, rank=fraction, bias=False)
+    assert layer.num_params <= max(fraction * sizes[0] * sizes[1], 2 * sum(layer.in_factors)
+                                   + 2 * sum(layer.out_factors) + 1)
 
 
 def test_backend_names():

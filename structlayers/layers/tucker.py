@@ -160,9 +160,9 @@ def tucker_ranks(rank, shape: tuple[int, ...], budget_full: int) -> tuple[int, .
         raise TypeError(f"rank must be an int, a sequence of {len(shape)} ints, a float or "
                         f"'same', got {rank!r}")
     if isinstance(rank, float):
-        if not 0.0 < rank < float("inf"):
-            raise ValueError(f"rank as a float is a fraction of the dense parameters: must be > 0, "
-                             f"got {rank}")
+        if not 0.0 < rank <= 1.0:  # above 1 the layer would have more parameters than dense
+            raise ValueError(f"rank as a float is a fraction of the dense parameters: must be in "
+                             f"(0, 1], got {rank}")
         return _ranks_for_budget(shape, rank * budget_full)
     ranks = (rank,) * len(shape) if isinstance(rank, int) else tuple(rank)
     if len(ranks) != len(shape) or not all(isinstance(r, int) for r in ranks):
