@@ -63,9 +63,20 @@ def header(title: str, source: str) -> list[str]:
     return [f"# {title}", "", f"{date.today().isoformat()}, {machine()}. Data: {source}.", ""]
 
 
-def _colors(names):
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; matplotlib is in the `bench` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'structlayers[bench]'") from None
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _colors(names):
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     return {name: cmap(k % 10) for k, name in enumerate(sorted(names))}
 
@@ -73,11 +84,7 @@ def _colors(names):
 def plot_compute(runs: list[Run], path: Path, title: str) -> Path:
     """Validation loss vs training FLOPs (log x): every run thin, each structure's frontier thick,
     its power-law fit dashed, dense's target loss as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     colors = _colors({r.structure for r in runs})
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for structure, color in colors.items():
@@ -102,11 +109,7 @@ def plot_compute(runs: list[Run], path: Path, title: str) -> Path:
 
 def plot_lr(runs: list[Run], path: Path, title: str) -> Path:
     """Final training loss vs LR, one line per width; a column per structure, muP and SP rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     structures = sorted({r.structure for r in runs})
     params = [p for p in ("mup", "standard") if any(r.parameterization == p for r in runs)]
     widths = sorted({r.width for r in runs})

@@ -43,7 +43,8 @@ def backend(name: str):
     if name not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
     if name == "triton" and not _triton_installed():
-        raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
+        raise RuntimeError("backend 'triton' needs the triton package (Linux): "
+                           "pip install 'structlayers[gpu]'")
     previous, _backend = _backend, name
     try:
         yield

@@ -39,8 +39,10 @@ def plot_scales(history, path=None, title: str = "FP8 per-tensor scales"):
     rows = history if isinstance(history, list) else scale_history(history)
     if not rows:
         raise ValueError("no recorded scales: apply an FP8 policy with record=True and run some steps")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'structlayers[bench]'") from None
     if path is not None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
