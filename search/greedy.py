@@ -43,7 +43,8 @@ def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: in
                         continue
                     candidate = structure.with_rank(a, b, structure.ranks[a][b] + 1)
                     warm = _grow(cores, structure, candidate, a, b, rng)
-                    fit = fit_als(target, candidate, max_sweeps=score_sweeps, cores=warm)
+                    fit = fit_als(target, candidate, max_sweeps=score_sweeps, cores=warm,
+                                  damping=0.0)  # 3 sweeps from a warm start: no pull back
                     scoring_fits += 1
                     rse = fit.rse if evaluator.rse_kind == "squared" else np.sqrt(fit.rse)
                     scored.append((objective(candidate, rse, evaluator.lam), candidate))
