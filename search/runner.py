@@ -32,6 +32,7 @@ from .structure import Structure
 
 RSE_KINDS = ("squared", "plain")
 LOG_VERSION = 1
+FITTER = "proximal-als-0.7"  # a log's fits are reused only by the same fitter
 
 
 class BudgetExhausted(Exception):
@@ -136,7 +137,7 @@ class Evaluator:
         digest = hashlib.sha256(np.ascontiguousarray(self.target).tobytes()).hexdigest()
         return {"structlayers_search_log": LOG_VERSION, "target_sha256": digest,
                 "shape": list(self.target.shape), "lam": self.lam, "rse": self.rse_kind,
-                "fit": self.fit_kwargs}
+                "fit": self.fit_kwargs, "fitter": FITTER}
 
     def _open_log(self):
         header = self._header()
@@ -151,7 +152,7 @@ class Evaluator:
             raise ValueError(f"{self.log} is not a structlayers search log (bad first line)") from None
         if not isinstance(found, dict) or found.get("structlayers_search_log") != LOG_VERSION:
             raise ValueError(f"{self.log} is not a structlayers search log (version {LOG_VERSION})")
-        for name in ("target_sha256", "shape", "lam", "rse", "fit"):
+        for name in ("target_sha256", "shape", "lam", "rse", "fit", "fitter"):
             if found.get(name) != header[name]:
                 raise ValueError(f"{self.log} was written for another search: its {name} is "
                                  f"{found.get(name)!r}, this search's is {header[name]!r}")

@@ -158,6 +158,12 @@ def test_log_errors_and_a_torn_last_line(tmp_path):
     assert json.loads(log.read_text().splitlines()[-1])["key"]  # the torn line is gone
     with pytest.raises(ValueError, match="another search"):
         Evaluator(target * 2, log=log, progress=False)
+    header, *rows = log.read_text().splitlines()
+    older = header.replace('"fitter": "proximal-als-0.7"', '"fitter": "als"')
+    log.write_text("\n".join([older, *rows]) + "\n")
+    with pytest.raises(ValueError, match="its fitter is 'als'"):  # fits of another fitter
+        Evaluator(target, log=log, progress=False)
+    log.write_text("\n".join([header, *rows]) + "\n")
     with pytest.raises(ValueError, match="lam"):
         Evaluator(target, lam=5.0, log=log, progress=False)
     lines = log.read_text().splitlines()
