@@ -23,6 +23,8 @@ refitting. A final pruning pass lowers single ranks of the answer while that low
 objective. The result says how many descents reached the answer (`agreeing` of `restarts`).
 """
 
+import itertools
+
 import numpy as np
 
 from .result import (
@@ -65,7 +67,7 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
     try:
         best = evaluate([(ranks, perm)])[0].objective
         anchor = (best, ranks, perm)  # the best centre so far: (objective, ranks, perm)
-        for attempt in range(10**9):
+        for attempt in itertools.count():
             perm_productive = True  # did the last permutation enumeration move?
             for sweep_radius, interpolate in ((radius, radius > 1), (1, False)):
                 while True:

@@ -9,6 +9,8 @@ swap probability reset), as TnALE does: until the budget, `restarts` restarts (N
 or `restart_patience` descents in a row without improvement; a final pass prunes single ranks.
 """
 
+import itertools
+
 import numpy as np
 
 from .result import (
@@ -50,7 +52,7 @@ def tnls(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, sa
     try:
         best = evaluate([(ranks, perm)])[0].objective
         anchor = (best, ranks, perm)
-        for attempt in range(10**9):
+        for attempt in itertools.count():
             best, ranks, perm = _descend(evaluate, ranks, perm, best, rng, samples, sigma,
                                          swap_probability, decay, patience, max_rank, permute)
             descents.append(best)
