@@ -519,3 +519,17 @@ def test_bad_restart_settings(kwargs):
     for search in (tnale, tnls):
         with pytest.raises(ValueError, match="restart"):
             search(target, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("topology, seed", [("tt", 0), ("tt", 1), ("tr", 1)])
+def test_tnale_finds_hidden_order_5_trains_and_rings_on_several_seeds(topology, seed):
+    """Mode sizes 3-4, ranks 2-3, a hidden permutation; seeds the benchmark never uses."""
+    rng = np.random.default_rng(500 + seed)
+    sizes = tuple(int(s) for s in rng.choice([3, 4], 5))
+    ranks = tuple(int(r) for r in rng.integers(2, 4, 4 if topology == "tt" else 5))
+    perm = tuple(int(p) for p in rng.permutation(5))
+    make = Structure.tensor_train if topology == "tt" else Structure.tensor_ring
+    truth = make(sizes, ranks, perm)
+    target = truth.contract(truth.random_cores(rng))
+    result = tnale(target, topology=topology, max_evaluations=400, restart_patience=1, progress=False)
+    assert result.rse <= 1e-4 and result.structure.num_params <= truth.num_params
