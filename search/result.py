@@ -66,27 +66,48 @@ def finish(evaluator: Evaluator, method: str, scoring_fits: int = 0, restarts: i
     return result
 
 
-def agreement(descents: list[float], before_pruning: float) -> int:
-    """How many descents ended where the answer came from (the final pruning starts from the
-    best descent, so every descent that reached that objective leads to the same answer)."""
-    return sum(same_objective(d, before_pruning) for d in descents)
+class Descents:
+    """The restarted descents of a local search (TnALE, TNLS): the best centre so far (`anchor`,
+    (objective, ranks, perm)), whether to restart, and how many descents ended at the answer.
 
+    A search restarts within `restarts` (None: no limit, the evaluator's budget ends it; with no
+    budget at all, 2 x restart_patience) while fewer than `restart_patience` descents in a row
+    did not improve the best.
+    """
 
-def check_restarts(restarts, restart_patience):
-    if restarts is not None and (isinstance(restarts, bool) or not isinstance(restarts, int)
-                                 or restarts < 0):
-        raise ValueError(f"restarts must be None (until the budget or patience) or an int >= 0, "
-                         f"got {restarts!r}")
-    if isinstance(restart_patience, bool) or not isinstance(restart_patience, int) \
-            or restart_patience < 1:
-        raise ValueError(f"restart_patience must be a positive int, got {restart_patience!r}")
+    def __init__(self, evaluator: Evaluator, restarts, restart_patience):
+        if restarts is not None and (isinstance(restarts, bool) or not isinstance(restarts, int)
+                                     or restarts < 0):
+            raise ValueError(f"restarts must be None (until the budget or patience) or an int "
+                             f">= 0, got {restarts!r}")
+        if isinstance(restart_patience, bool) or not isinstance(restart_patience, int) \
+                or restart_patience < 1:
+            raise ValueError(f"restart_patience must be a positive int, got {restart_patience!r}")
+        if restarts is None and evaluator.max_evaluations is None and evaluator.max_seconds is None:
+            restarts = 2 * restart_patience  # no budget: patience alone might never end a flat search
+        self.restarts, self.patience = restarts, restart_patience
+        self.ends: list[float] = []  # the objective each descent ended at
+        self.stale = 0  # descents in a row that did not improve the best
+        self.anchor = None
 
+    def start(self, objective: float, ranks, perm):
+        self.anchor = (objective, ranks, perm)
 
-def keep_restarting(attempt: int, restarts, stale: int, restart_patience: int) -> bool:
-    """Whether to restart after descent `attempt` (0-based): within `restarts` (None: no limit,
-    the evaluator's budget ends the search) and fewer than `restart_patience` descents in a row
-    that did not improve the best."""
-    return (restarts is None or attempt < restarts) and stale < restart_patience
+    def ended(self, objective: float, ranks, perm) -> bool:
+        """Record a descent that ended at (objective, ranks, perm); whether to restart."""
+        self.ends.append(objective)
+        self.stale = 0 if objective < self.anchor[0] - 1e-12 else self.stale + 1
+        if objective < self.anchor[0]:
+            self.anchor = (objective, ranks, perm)
+        return (self.restarts is None or len(self.ends) <= self.restarts) \
+            and self.stale < self.patience
+
+    def finish(self, evaluator: Evaluator, method: str) -> SearchResult:
+        """The result, with how many descents ended where the answer came from (the final
+        pruning starts from the best descent, so each that reached it leads to the same answer)."""
+        best = min(self.ends, default=float("nan"))
+        return finish(evaluator, method, restarts=len(self.ends),
+                      agreeing=sum(same_objective(d, best) for d in self.ends))
 
 
 def prune_ring(evaluate, ranks, perm, best: float):

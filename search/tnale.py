@@ -23,20 +23,9 @@ refitting. A final pruning pass lowers single ranks of the answer while that low
 objective. The result says how many descents reached the answer (`agreeing` of `restarts`).
 """
 
-import itertools
-
 import numpy as np
 
-from .result import (
-    SearchResult,
-    agreement,
-    check_restarts,
-    check_search_args,
-    finish,
-    keep_restarting,
-    prune_ring,
-    ring_structure,
-)
+from .result import Descents, SearchResult, check_search_args, prune_ring, ring_structure
 from .runner import BudgetExhausted, Evaluator
 
 
@@ -53,9 +42,7 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
     bonds = check_search_args(evaluator.target.shape, topology, max_rank, init_rank)
     if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
         raise ValueError(f"radius must be a positive int, got {radius!r}")
-    check_restarts(restarts, restart_patience)
-    if restarts is None and evaluator.max_evaluations is None and evaluator.max_seconds is None:
-        restarts = 2 * restart_patience  # no budget: patience alone might never end a flat search
+    runs = Descents(evaluator, restarts, restart_patience)
     sizes, n = evaluator.target.shape, evaluator.target.ndim
     rng = np.random.default_rng(seed)
     ranks, perm = [init_rank] * bonds, list(range(n))
@@ -63,11 +50,10 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
     def evaluate(candidates):
         return evaluator.evaluate([ring_structure(sizes, topology, r, p) for r, p in candidates])
 
-    descents, stale = [], 0  # the objective each descent ended at; descents since an improvement
     try:
         best = evaluate([(ranks, perm)])[0].objective
-        anchor = (best, ranks, perm)  # the best centre so far: (objective, ranks, perm)
-        for attempt in itertools.count():
+        runs.start(best, ranks, perm)
+        while True:
             perm_productive = True  # did the last permutation enumeration move?
             for sweep_radius, interpolate in ((radius, radius > 1), (1, False)):
                 while True:
@@ -99,25 +85,21 @@ def tnale(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, r
                                 best, improved = scores[choice], True
                     if not improved:
                         break
-            descents.append(best)
-            stale = 0 if best < anchor[0] - 1e-12 else stale + 1
-            if best < anchor[0]:
-                anchor = (best, ranks, perm)
-            if not keep_restarting(attempt, restarts, stale, restart_patience):
+            if not runs.ended(best, ranks, perm):
                 break
             # stalled: restart from a random perturbation of the best centre this search reached
             # (its own path, not the evaluator's cache, which a resumed log fills in advance)
-            ranks = [int(np.clip(r + rng.integers(-1, 2), 1, max_rank)) for r in anchor[1]]
-            perm = list(anchor[2])
+            ranks = [int(np.clip(r + rng.integers(-1, 2), 1, max_rank)) for r in runs.anchor[1]]
+            perm = list(runs.anchor[2])
             i, j = rng.choice(n, 2, replace=False)
             perm = _swap(perm, i, j) if permute else perm
             best = evaluate([(ranks, perm)])[0].objective
         if prune:
-            prune_ring(evaluate, list(anchor[1]), list(anchor[2]), anchor[0])
+            objective, ranks, perm = runs.anchor
+            prune_ring(evaluate, list(ranks), list(perm), objective)
     except BudgetExhausted:
         pass
-    return finish(evaluator, "tnale", restarts=len(descents),
-                  agreeing=agreement(descents, min(descents, default=float("nan"))))
+    return runs.finish(evaluator, "tnale")
 
 
 def _rank_window(evaluate, ranks, perm, k, radius, max_rank, interpolate):

@@ -9,20 +9,9 @@ swap probability reset), as TnALE does: until the budget, `restarts` restarts (N
 or `restart_patience` descents in a row without improvement; a final pass prunes single ranks.
 """
 
-import itertools
-
 import numpy as np
 
-from .result import (
-    SearchResult,
-    agreement,
-    check_restarts,
-    check_search_args,
-    finish,
-    keep_restarting,
-    prune_ring,
-    ring_structure,
-)
+from .result import Descents, SearchResult, check_search_args, prune_ring, ring_structure
 from .runner import BudgetExhausted, Evaluator
 
 
@@ -36,14 +25,11 @@ def tnls(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, sa
     bonds = check_search_args(evaluator.target.shape, topology, max_rank, init_rank)
     if not (0 <= swap_probability <= 1 and 0 < decay <= 1 and sigma > 0):
         raise ValueError("need sigma > 0, 0 <= swap_probability <= 1 and 0 < decay <= 1")
-    check_restarts(restarts, restart_patience)
-    if restarts is None and evaluator.max_evaluations is None and evaluator.max_seconds is None:
-        restarts = 2 * restart_patience  # no budget: patience alone might never end a flat search
+    runs = Descents(evaluator, restarts, restart_patience)
     sizes, n = evaluator.target.shape, evaluator.target.ndim
     samples = samples or 2 * n
     rng = np.random.default_rng(seed)
     ranks, perm = np.full(bonds, init_rank), np.arange(n)
-    descents, stale = [], 0
 
     def evaluate(candidates):
         return evaluator.evaluate([ring_structure(sizes, topology, list(map(int, r)),
@@ -51,28 +37,24 @@ def tnls(target, topology: str = "tr", max_rank: int = 6, init_rank: int = 2, sa
 
     try:
         best = evaluate([(ranks, perm)])[0].objective
-        anchor = (best, ranks, perm)
-        for attempt in itertools.count():
+        runs.start(best, ranks, perm)
+        while True:
             best, ranks, perm = _descend(evaluate, ranks, perm, best, rng, samples, sigma,
                                          swap_probability, decay, patience, max_rank, permute)
-            descents.append(best)
-            stale = 0 if best < anchor[0] - 1e-12 else stale + 1
-            if best < anchor[0]:
-                anchor = (best, ranks, perm)
-            if not keep_restarting(attempt, restarts, stale, restart_patience):
+            if not runs.ended(best, ranks, perm):
                 break
-            ranks = np.clip(anchor[1] + rng.integers(-1, 2, bonds), 1, max_rank)
-            perm = anchor[2].copy()
+            ranks = np.clip(runs.anchor[1] + rng.integers(-1, 2, bonds), 1, max_rank)
+            perm = runs.anchor[2].copy()
             if permute:
                 i, j = rng.choice(n, 2, replace=False)
                 perm[[i, j]] = perm[[j, i]]
             best = evaluate([(ranks, perm)])[0].objective
         if prune:
-            prune_ring(evaluate, [int(r) for r in anchor[1]], [int(p) for p in anchor[2]], anchor[0])
+            objective, ranks, perm = runs.anchor
+            prune_ring(evaluate, [int(r) for r in ranks], [int(p) for p in perm], objective)
     except BudgetExhausted:
         pass
-    return finish(evaluator, "tnls", restarts=len(descents),
-                  agreeing=agreement(descents, min(descents, default=float("nan"))))
+    return runs.finish(evaluator, "tnls")
 
 
 def _descend(evaluate, ranks, perm, best, rng, samples, sigma, swap_probability, decay,
