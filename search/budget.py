@@ -156,27 +156,28 @@ def _by_fraction(kind):
     return candidates
 
 
-def _tucker(weight, fractions):
-    """The Tucker layer's own ranks for each fraction (every mode the same share of its size):
-    the packing program of `layer_ranks` takes seconds per call, too slow for a ladder."""
+def _ladder(specs, weight) -> list[Candidate]:
+    """The projections of `specs` that build for this weight and fit within dense, one per
+    distinct full spec."""
     found = {}
-    for fraction in fractions:
-        candidate = _projected(f"tucker:rank={float(fraction)}", weight)
+    for spec in specs:
+        try:
+            candidate = _projected(spec, weight)
+        except ValueError:  # not buildable at these sizes
+            continue
         if candidate.params <= weight.numel():
             found.setdefault(candidate.spec, candidate)
     return list(found.values())
 
 
+def _tucker(weight, fractions):
+    """The Tucker layer's own ranks for each fraction (every mode the same share of its size):
+    the packing program of `layer_ranks` takes seconds per call, too slow for a ladder."""
+    return _ladder([f"tucker:rank={float(f)}" for f in fractions], weight)
+
+
 def _monarch(weight, fractions):
-    found = {}
-    for blocks in (2, 4, 8, 16, 32, 64):
-        try:
-            candidate = _projected(f"monarch:blocks={blocks}", weight)
-        except ValueError:
-            continue
-        if candidate.params <= weight.numel():
-            found[candidate.spec] = candidate
-    return list(found.values())
+    return _ladder([f"monarch:blocks={b}" for b in (2, 4, 8, 16, 32, 64)], weight)
 
 
 def _dense(weight, fractions):
