@@ -159,7 +159,7 @@ def test_log_errors_and_a_torn_last_line(tmp_path):
     with pytest.raises(ValueError, match="another search"):
         Evaluator(target * 2, log=log, progress=False)
     header, *rows = log.read_text().splitlines()
-    older = header.replace('"fitter": "proximal-als-0.7"', '"fitter": "als"')
+    older = header.replace('"fitter": "proximal-als-0.7+lm"', '"fitter": "als"')
     log.write_text("\n".join([older, *rows]) + "\n")
     with pytest.raises(ValueError, match="its fitter is 'als'"):  # fits of another fitter
         Evaluator(target, log=log, progress=False)
