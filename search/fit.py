@@ -36,8 +36,8 @@ import opt_einsum
 
 from .structure import Structure, _full_expression
 
-
-LM_MAX_JACOBIAN = 2**22  # entries x parameters of the largest Jacobian fit_lm forms (32 MiB)
+LM_MAX_JACOBIAN = 2**18  # entries x parameters of the largest Jacobian the polish forms (2 MiB):
+# order-4/5 rings; beyond, ALS rarely misses and the solves would cost more than the ALS
 EXACT = 1e-10  # a squared RSE this low ends the restarts: the fit is exact to ALS's precision
 
 
