@@ -41,10 +41,11 @@ from .structure import Structure
 RSE_KINDS = ("squared", "plain")
 LOG_VERSION = 1
 FITTER = "proximal-als-0.7+lm"  # a log's fits are reused only by the same fitter
-# targets up to this size give contenders extra starts: order 4-5 rings of 3s and 4s. Order 6
+# targets up to this size give contenders extra starts: order-4 rings of 3s and 4s. Order 6
 # (4096 entries) fits its truths from one start in 19-20 of 20 tries, and 4 starts made its
-# TnALE searches 4.7x slower (176 s against 37)
-CONTENDER_ENTRIES = 2**10
+# TnALE searches 4.7x slower (176 s against 37); at order 5 (1024 entries) they doubled the
+# search tests' time
+CONTENDER_ENTRIES = 2**9
 
 
 class BudgetExhausted(Exception):
