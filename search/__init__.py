@@ -11,7 +11,7 @@ evaluation/time budgets and a JSON-lines log that a restarted search resumes fro
 
 from .baselines import tr_svd, tt_svd
 from .budget import Allocation, ModelBudget, budget
-from .fit import Fit, fit_adam, fit_als
+from .fit import Fit, fit_adam, fit_als, fit_lm
 from .greedy import greedy
 from .layers import auto, layer_ranks
 from .result import SearchResult
@@ -22,6 +22,6 @@ from .tnls import tnls
 from .tucker import TuckerShape, tucker_error, tucker_params, tucker_ranks
 
 __all__ = ["Allocation", "BudgetExhausted", "Evaluation", "Evaluator", "Fit", "ModelBudget",
-           "SearchResult", "Structure", "TuckerShape", "auto", "budget", "fit_adam", "fit_als",
+           "SearchResult", "Structure", "TuckerShape", "auto", "budget", "fit_adam", "fit_als", "fit_lm",
            "greedy", "layer_ranks", "tnale", "tnls", "tr_svd", "tt_svd", "tucker_error",
            "tucker_params", "tucker_ranks"]

@@ -7,10 +7,14 @@ from the current cores, the new slices small and random. The best-scoring increm
 in full (an evaluation, through the Evaluator) and taken, even when the objective does not drop:
 the method is defined by its loss target, so it stops when the squared RSE is below
 `rse_target`, when every bond is at `max_rank`, or at the budget, never at the first plateau of
-the objective. A final pruning pass (`prune`) lowers single bonds (to no edge at rank 1) of the
-structure that reached the target, then of the best seen, while that lowers the objective, so the
-answer is not larger than needed. The answer is the best objective seen. The graph is general,
-so no permutation is searched.
+the objective. A final pruning pass (`prune`) shrinks the structure that reached the target, then
+the best seen, while that lowers the objective, so the answer is not larger than needed: it lowers
+single bonds (to no edge at rank 1), and where none of those helps, moves one rank from a bond to
+another pair (a new edge included) where that saves parameters (an addition to the paper: the
+early increments, chosen far from the target, leave edges the answer does not need; on fresh order-6
+rings greedy reached exact fits with 1.4-1.8x the truth's parameters, and single lowerings alone
+never left them). The answer is the best objective seen. The graph is general, so no permutation
+is searched.
 """
 
 import numpy as np
@@ -53,24 +57,44 @@ def greedy(target, max_rank: int = 6, rse_target: float = 1e-8, score_sweeps: in
             _, structure = min(scored, key=lambda pair: pair[0])
             current = evaluator(structure)
         if prune:  # from the structure that reached the target, and from the best seen
-            _prune(evaluator, current)
-            _prune(evaluator, evaluator.best())
+            _prune(evaluator, current, max_rank)
+            _prune(evaluator, evaluator.best(), max_rank)
     except BudgetExhausted:
         pass
     return finish(evaluator, "greedy", scoring_fits)
 
 
-def _prune(evaluator: Evaluator, best):
-    """Lower one bond at a time (rank 1 removes the edge) while that lowers the objective."""
+def _prune(evaluator: Evaluator, best, max_rank: int):
+    """While a move lowers the objective, take the best: lower one bond (rank 1 removes the
+    edge), or, where no lowering helps, move one rank from a bond to another pair that has fewer
+    parameters in all."""
     while True:
-        structure = best.structure
-        candidates = [structure.with_rank(a, b, r - 1) for (a, b), r in structure.edges().items()]
-        if not candidates:
+        for candidates in (_lowerings(best.structure), _exchanges(best.structure, max_rank)):
+            if candidates:
+                trial = min(evaluator.evaluate(candidates), key=lambda e: e.objective)
+                if trial.objective < best.objective - 1e-12:
+                    best = trial
+                    break
+        else:
             return best
-        trial = min(evaluator.evaluate(candidates), key=lambda e: e.objective)
-        if trial.objective >= best.objective - 1e-12:
-            return best
-        best = trial
+
+
+def _lowerings(structure: Structure) -> list[Structure]:
+    return [structure.with_rank(a, b, r - 1) for (a, b), r in structure.edges().items()]
+
+
+def _exchanges(structure: Structure, max_rank: int) -> list[Structure]:
+    """Bond (a, b) one rank lower and pair (c, d) one higher, where that saves parameters."""
+    n, moves = structure.order, {}
+    for (a, b), r in structure.edges().items():
+        lowered = structure.with_rank(a, b, r - 1)
+        for c in range(n):
+            for d in range(c + 1, n):
+                if (c, d) != (a, b) and lowered.ranks[c][d] < max_rank:
+                    moved = lowered.with_rank(c, d, lowered.ranks[c][d] + 1)
+                    if moved.num_params < structure.num_params:
+                        moves[moved.key()] = moved
+    return list(moves.values())
 
 
 def _grow(cores, old: Structure, new: Structure, a: int, b: int, rng) -> list:

@@ -9,6 +9,14 @@ JSON-lines log as it arrives, and stops the search with `BudgetExhausted` when t
 time budget runs out. A search restarted with the same log re-reads it and re-fits nothing it
 already fitted. Fits are seeded by the structure, so a result never depends on the order or the
 worker that computed it.
+
+Contenders get more starts: ALS (and its LM polish) from one random start misses the exact fit of
+a small structure that has one in 10-60% of tries (fresh order-4 rings; `fit.py`), and a missed
+truth sends a search elsewhere for good. So on small targets (`CONTENDER_ENTRIES`) a structure
+whose parameter share alone is below the best objective seen so far, the only kind that can still
+win, is fitted from up to `contender_starts` starts (the first exact one ends them). The number of
+starts is logged with the fit, so a resumed search retraces the same path and refits the same
+cores.
 """
 
 import ctypes
@@ -32,7 +40,12 @@ from .structure import Structure
 
 RSE_KINDS = ("squared", "plain")
 LOG_VERSION = 1
-FITTER = "proximal-als-0.7"  # a log's fits are reused only by the same fitter
+FITTER = "proximal-als-0.7+lm"  # a log's fits are reused only by the same fitter
+# targets up to this size give contenders extra starts: order-4 rings of 3s and 4s. Order 6
+# (4096 entries) fits its truths from one start in 19-20 of 20 tries, and 4 starts made its
+# TnALE searches 4.7x slower (176 s against 37); at order 5 (1024 entries) they doubled the
+# search tests' time
+CONTENDER_ENTRIES = 2**9
 
 
 class BudgetExhausted(Exception):
@@ -46,6 +59,7 @@ class Evaluation:
     objective: float
     seconds: float
     cores: list | None = field(default=None, repr=False)  # None when read back from a log
+    starts: int = 1  # random starts the fit took the best of
 
     @property
     def compression(self) -> float:
@@ -56,10 +70,21 @@ def objective(structure: Structure, rse: float, lam: float) -> float:
     return structure.num_params / structure.num_entries + lam * rse
 
 
+def _init_worker(parent: int):
+    """Worker initializer: one BLAS thread per worker (the workers are the parallelism: with
+    OpenBLAS's default of a thread per core in every process, a 200 x 200 solve took 150 ms
+    instead of 0.7 ms once processes' threads outnumbered the 2 cores, and LM fits took 0.7-1 s
+    instead of 0.1), and the worker dies with the search (`_die_with_parent`)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    _die_with_parent(parent)
+
+
 def _die_with_parent(parent: int):
-    """Worker initializer: end this worker when the search process `parent` ends, even by
-    SIGKILL (then no shutdown runs, and an orphaned worker would fit forever). Linux's
-    parent-death signal where the parent forked us, and a watcher thread everywhere."""
+    """End this worker when the search process `parent` ends, even by SIGKILL (then no shutdown
+    runs, and an orphaned worker would fit forever). Linux's parent-death signal where the
+    parent forked us, and a watcher thread everywhere."""
     if sys.platform.startswith("linux") and os.getppid() == parent:
         try:
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
@@ -81,14 +106,16 @@ def _die_with_parent(parent: int):
     threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
-def _fit_job(target, key: str, fit_kwargs: dict, rse_kind: str):
-    """One fit in a worker: (key, rse, seconds, cores)."""
+def _fit_job(target, key: str, fit_kwargs: dict, rse_kind: str, starts: int = 1):
+    """One fit in a worker, the best of `starts` (at least fit_kwargs' restarts):
+    (key, rse, seconds, cores, starts)."""
     start = time.perf_counter()
     structure = Structure.from_key(key)
     seed = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
-    result = fit_als(target, structure, seed=seed, **fit_kwargs)
+    starts = max(starts, fit_kwargs.get("restarts", 1))
+    result = fit_als(target, structure, seed=seed, **(fit_kwargs | {"restarts": starts}))
     rse = result.rse if rse_kind == "squared" else float(np.sqrt(result.rse))
-    return key, rse, time.perf_counter() - start, result.cores
+    return key, rse, time.perf_counter() - start, result.cores, starts
 
 
 class Evaluator:
@@ -98,14 +125,22 @@ class Evaluator:
     for fit_als (max_sweeps, tol, restarts). executor: an Executor to fit with (not shut down
     here); else `workers` processes (1: fit in this process). log: a JSON-lines path to append
     to and resume from. max_evaluations / max_seconds: budgets. progress: a tqdm bar (None:
-    only when stderr is a terminal).
+    only when stderr is a terminal). contender_starts: starts for a structure that can still win
+    (see the module doc; None: 4 on targets of up to `CONTENDER_ENTRIES` entries, else 1).
     """
 
     def __init__(self, target, lam: float = 200.0, rse: str = "squared", fit: dict | None = None,
                  executor: Executor | None = None, workers: int = 1, log=None,
                  max_evaluations: int | None = None, max_seconds: float | None = None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, contender_starts: int | None = None):
         self.target = check_target(target)
+        if contender_starts is None:
+            contender_starts = 4 if self.target.size <= CONTENDER_ENTRIES else 1
+        if isinstance(contender_starts, bool) or not isinstance(contender_starts, int) \
+                or contender_starts < 1:
+            raise ValueError(f"contender_starts must be a positive int (or None: automatic), "
+                             f"got {contender_starts!r}")
+        self.contender_starts = contender_starts
         if not (isinstance(lam, int | float) and lam >= 0 and np.isfinite(lam)):
             raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
         if rse not in RSE_KINDS:
@@ -137,7 +172,7 @@ class Evaluator:
         digest = hashlib.sha256(np.ascontiguousarray(self.target).tobytes()).hexdigest()
         return {"structlayers_search_log": LOG_VERSION, "target_sha256": digest,
                 "shape": list(self.target.shape), "lam": self.lam, "rse": self.rse_kind,
-                "fit": self.fit_kwargs, "fitter": FITTER}
+                "fit": self.fit_kwargs, "fitter": FITTER, "contender_starts": self.contender_starts}
 
     def _open_log(self):
         header = self._header()
@@ -152,7 +187,7 @@ class Evaluator:
             raise ValueError(f"{self.log} is not a structlayers search log (bad first line)") from None
         if not isinstance(found, dict) or found.get("structlayers_search_log") != LOG_VERSION:
             raise ValueError(f"{self.log} is not a structlayers search log (version {LOG_VERSION})")
-        for name in ("target_sha256", "shape", "lam", "rse", "fit", "fitter"):
+        for name in ("target_sha256", "shape", "lam", "rse", "fit", "fitter", "contender_starts"):
             if found.get(name) != header[name]:
                 raise ValueError(f"{self.log} was written for another search: its {name} is "
                                  f"{found.get(name)!r}, this search's is {header[name]!r}")
@@ -162,7 +197,7 @@ class Evaluator:
                 structure = Structure.from_key(row["key"])
                 evaluation = Evaluation(structure, float(row["rse"]),
                                         objective(structure, float(row["rse"]), self.lam),
-                                        float(row["seconds"]))
+                                        float(row["seconds"]), starts=int(row["starts"]))
             except (json.JSONDecodeError, KeyError, ValueError, TypeError) as error:
                 if number == len(lines):  # a kill mid-write: drop the partial last line
                     warnings.warn(f"{self.log}: skipping its unreadable last line ({error})", stacklevel=3)
@@ -175,7 +210,7 @@ class Evaluator:
         if self.log is not None:
             row = {"key": evaluation.structure.key(), "rse": evaluation.rse,
                    "objective": evaluation.objective, "params": evaluation.structure.num_params,
-                   "seconds": round(evaluation.seconds, 6)}
+                   "seconds": round(evaluation.seconds, 6), "starts": evaluation.starts}
             with self.log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -205,9 +240,10 @@ class Evaluator:
             new, exhausted = new[: max(0, self.max_evaluations - self.evaluations)], True
         if self.max_seconds is not None and self.seconds > self.max_seconds:
             new, exhausted = [], True
-        for key, rse, seconds, cores in self._fit(new):
+        for key, rse, seconds, cores, starts in self._fit(new):
             structure = Structure.from_key(key)
-            evaluation = Evaluation(structure, rse, objective(structure, rse, self.lam), seconds, cores)
+            evaluation = Evaluation(structure, rse, objective(structure, rse, self.lam), seconds, cores,
+                                    starts)
             self.cache[key] = evaluation
             self._append(evaluation)
             self.bar.update(1)
@@ -216,21 +252,31 @@ class Evaluator:
                                   f"{self.seconds:.1f} s")
         return [self.cache[s.key()] for s in structures]
 
+    def _starts(self, keys) -> list[int]:
+        """Starts for new fits: `contender_starts` for a structure whose parameter share is below
+        the best objective so far, else 1 (decided before a batch is fitted: workers do not
+        matter)."""
+        best = self.best()
+        bound = float("inf") if best is None else best.objective
+        structures = [Structure.from_key(key) for key in keys]
+        return [self.contender_starts if s.num_params / s.num_entries < bound else 1 for s in structures]
+
     def _fit(self, keys):
         if not keys:
             return
+        starts = self._starts(keys)
         executor = self._executor
         if executor is None and self.workers > 1 and len(keys) > 1:
             if self._own_executor is None:
                 self._own_executor = ProcessPoolExecutor(
-                    self.workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+                    self.workers, initializer=_init_worker, initargs=(os.getpid(),))
             executor = self._own_executor
         if executor is None:
-            for key in keys:
-                yield _fit_job(self.target, key, self.fit_kwargs, self.rse_kind)
+            for key, n in zip(keys, starts, strict=True):
+                yield _fit_job(self.target, key, self.fit_kwargs, self.rse_kind, n)
             return
-        futures = [executor.submit(_fit_job, self.target, key, self.fit_kwargs, self.rse_kind)
-                   for key in keys]
+        futures = [executor.submit(_fit_job, self.target, key, self.fit_kwargs, self.rse_kind, n)
+                   for key, n in zip(keys, starts, strict=True)]
         for future in futures:
             yield future.result()
 
@@ -238,7 +284,8 @@ class Evaluator:
         """The fitted cores (re-fitted, deterministically, if the evaluation came from a log)."""
         if evaluation.cores is None:
             key = evaluation.structure.key()
-            evaluation.cores = _fit_job(self.target, key, self.fit_kwargs, self.rse_kind)[3]
+            evaluation.cores = _fit_job(self.target, key, self.fit_kwargs, self.rse_kind,
+                                        evaluation.starts)[3]
         return evaluation.cores
 
     def close(self):
