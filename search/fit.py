@@ -117,8 +117,11 @@ def fit_lm(target, structure: Structure, cores, max_iter: int = 40, rse_tol: flo
     def unpack(v):
         return [part.reshape(shape) for part, shape in zip(np.split(v, splits), shapes, strict=True)]
 
+    def residual_of(v):
+        return (structure.contract(unpack(v)) - target).ravel()
+
     v = np.concatenate([np.asarray(c, dtype=np.float64).ravel() for c in cores])
-    residual = (structure.contract(unpack(v)) - target).ravel()
+    residual = residual_of(v)
     error, lam, formed = float(residual @ residual), 1e-3, 0
     history = [error]
     while formed < max_iter and error > rse_tol * norm2 \
@@ -133,7 +136,7 @@ def fit_lm(target, structure: Structure, cores, max_iter: int = 40, rse_tol: flo
             except np.linalg.LinAlgError:
                 lam *= 4
                 continue
-            trial_residual = (structure.contract(unpack(trial)) - target).ravel()
+            trial_residual = residual_of(trial)
             trial_error = float(trial_residual @ trial_residual)
             if trial_error < error:
                 v, residual, error, lam = trial, trial_residual, trial_error, max(lam / 3, 1e-12)
