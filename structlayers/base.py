@@ -15,6 +15,7 @@ from .execute import run_plan
 from .plan import make_plan
 from .program import Program, Step, dense, fused_forward, run, uses_plans
 from .sizes import check_size
+from .tune import chosen
 
 PARAMETERIZATIONS = ("mup", "standard")
 
@@ -77,13 +78,14 @@ class StructuredLinear(nn.Module):
     def flops(self, tokens: int) -> int:
         """Forward matmul FLOPs (2 x multiply-adds) for `tokens` rows, bias and padding copies
         excluded, of the structured contraction the forward runs (the execution plan's order,
-        which for TT can be cheaper than the step order); what FlopCounterMode reports. A tiny
+        which for TT can be cheaper than the step order; the measured one once measured,
+        tune.py); what FlopCounterMode reports. A tiny
         layer whose plan materialises W instead (`Plan.materialise`) still reports the
         structure's FLOPs; `make_plan(layer.program, tokens).flops(tokens)` counts what runs."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
         if tokens and self.precision is None and uses_plans():  # the plan may reorder (TT)
-            return make_plan(self.program, tokens).contraction_flops(tokens)
+            return chosen(make_plan(self.program, tokens)).contraction_flops(tokens)
         return self.program.flops(tokens)
 
     def structure_args(self) -> dict:

@@ -4,11 +4,13 @@ On CPU a fresh large tensor costs page faults on its first write: glibc serves a
 its mmap threshold (at most 32 MiB) with new pages every time, and filling a fresh 32 MiB buffer
 took 11.7 ms on the 2-core dev machine against 0.86 ms for a reused one, more than the matmul
 that writes it. So the plans take their intermediates from this pool: a buffer is handed out
-again once nothing but the pool refers to its storage (no tensor, view, autograd-saved tensor or
-returned output), so reuse is never visible to anyone. The pool keeps at most `MAX_BYTES`;
-`clear()` drops it (like torch.cuda.empty_cache). Only CPU tensors are pooled: CUDA has its own
-caching allocator.
+again, in any shape of its size, once nothing but the pool refers to its storage (no tensor,
+view, autograd-saved tensor or returned output), so reuse is never visible to anyone. The pool
+keeps at most `MAX_BYTES`; `clear()` drops it (like torch.cuda.empty_cache). Only CPU tensors are
+pooled: CUDA has its own caching allocator.
 """
+
+from math import prod
 
 import torch
 
@@ -30,12 +32,13 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     global _bytes
-    key = (tuple(shape), dtype, torch.is_inference_mode_enabled())
+    numel = prod(shape)  # pooled flat, so that buffers of one size serve every shape of it
+    key = (numel, dtype, torch.is_inference_mode_enabled())
     free = _pool.setdefault(key, [])
     for buffer in free:
         if _storage_refs(buffer) == _ALONE:
             return buffer.view(shape)  # a new tensor on the storage: its holders count as refs
-    buffer = torch.empty(shape, dtype=dtype, device=device)
+    buffer = torch.empty(numel, dtype=dtype, device=device)
     size = buffer.numel() * buffer.element_size()
     if _bytes + size <= MAX_BYTES:
         free.append(buffer)

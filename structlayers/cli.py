@@ -83,14 +83,45 @@ def _show(args):
           f"dense params={args.in_features * args.out_features + args.out_features:,}")
     print(_gpu_path(layer))
     print(_cpu_path(layer, args.tokens))
+    if args.measure is not None:
+        print(_measured_paths(layer, args.tokens, args.measure or ["float32"]))
+
+
+def _measured_paths(layer, tokens: int, dtypes) -> str:
+    """What the first call of each plan measures and chooses, for a forward+backward and for
+    inference at `tokens` on random data, in each of `dtypes`."""
+    from .execute import HALF, _half_is_slow
+    from .plan import make_plan
+    from .tune import measured, tuning
+
+    lines = []
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        timed = layer.to(dtype)
+        x = torch.randn(tokens, layer.in_features, dtype=dtype)
+        with tuning(min_seconds=0):
+            timed(x.requires_grad_()).sum().backward()
+            with torch.no_grad():
+                timed(x)
+        precision = "half" if dtype in HALF and not _half_is_slow(dtype) else "float32"
+        for training in (True, False):
+            m = measured().get(make_plan(layer.program, tokens, training, precision))
+            kind = "forward+backward" if training else "inference"
+            lines.append(f"{name} {kind}, " + ("the cost model's plan (one candidate)" if m is None
+                                               else m.describe()))
+    return "\n".join(lines)
 
 
 def _cpu_path(layer, tokens: int) -> str:
     """The torch path's execution plan at `tokens`, and what it does with bf16/fp16 here."""
     from .execute import _half_is_slow
     from .plan import make_plan
+    from .tune import CANDIDATES, MIN_SECONDS
 
-    text = f"torch path: {make_plan(layer.program, tokens).describe()}"
+    text = (f"torch path: {make_plan(layer.program, tokens).describe()}\n  layouts: where the cost model "
+            f"prices a plan at {MIN_SECONDS * 1e3:g} ms or more, its first call times the model's "
+            f"{CANDIDATES} cheapest (and to_dense() + F.linear under backend 'auto') and keeps the "
+            f"fastest (--measure shows it)")
     half = [dt for dt in (torch.bfloat16, torch.float16) if not _half_is_slow(dt)]
     slow = [str(dt).removeprefix("torch.") for dt in (torch.bfloat16, torch.float16) if dt not in half]
     if half:
@@ -200,6 +231,9 @@ def make_parser() -> argparse.ArgumentParser:
     show.add_argument("out_features", type=_positive)
     show.add_argument("--tokens", type=_positive, default=2048,
                       help="token count whose execution plan to print (2048)")
+    show.add_argument("--measure", nargs="*", choices=("float32", "bfloat16", "float16"), metavar="DTYPE",
+                      help="also time the candidate plans on random data as the first call does, "
+                           "and print what is chosen (DTYPE: float32, bfloat16, float16; default float32)")
     show.set_defaults(run=_show)
 
     search = commands.add_parser(

@@ -13,7 +13,7 @@ from math import prod
 import torch
 import torch.nn.functional as F
 
-from . import buffers
+from . import buffers, tune
 from .plan import TOKEN, Plan, make_plan, same_runs
 from .program import Program, current_backend, dense, run
 
@@ -187,12 +187,35 @@ def run_plan(program: Program, x: torch.Tensor, cores: dict, bias: torch.Tensor 
     precision = "half" if x.dtype in HALF and device == "cpu" else "float32"
     plan = make_plan(program, x.shape[0], training, precision)
     named = dict(zip((step.core for step in program.steps), operands, strict=True))
+    allow_dense = current_backend() == "auto"
+    plan, materialise = tune.choose(plan, _runner(plan, x, named, bias), allow_dense, x.device)
     operands = [named[mm.step.core] for mm in plan.matmuls]
-    if current_backend() == "auto" and _materialises(plan, x, operands, bias):
-        y = _materialised(plan, x, operands, bias)
-    else:
-        y = _planned(plan, x, operands, bias)
+    y = _materialised(plan, x, operands, bias) if materialise else _planned(plan, x, operands, bias)
     return y.to(dtype)
+
+
+def _runner(plan: Plan, x, cores: dict, bias):
+    """run(candidate) for tune.choose: one forward (+ backward, for a training plan) of a
+    candidate plan, or of to_dense() + F.linear for None, on detached copies of the call's
+    tensors."""
+    grad_y = []  # one output gradient for every run: a fresh one would page-fault each time
+
+    def run(candidate: Plan | None) -> None:
+        chosen = candidate or plan
+        xs = x.detach().requires_grad_(x.requires_grad)
+        cs = {n: c.detach().requires_grad_(c.requires_grad) for n, c in cores.items()}
+        bs = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
+        operands = [cs[mm.step.core] for mm in chosen.matmuls]
+        path = _planned if candidate is not None else _materialised
+        with torch.enable_grad() if chosen.training else torch.no_grad():
+            y = path(chosen, xs, operands, bs)
+            wants = [t for t in (xs, *operands, bs) if t is not None and t.requires_grad]
+            if chosen.training and wants:
+                if not grad_y:
+                    grad_y.append(torch.ones_like(y))
+                torch.autograd.grad(y, wants, grad_y[0])
+
+    return run
 
 
 def _materialised(plan: Plan, x, operands, bias) -> torch.Tensor:
@@ -209,43 +232,6 @@ def _planned(plan: Plan, x, operands, bias) -> torch.Tensor:
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _PlannedContraction.apply(plan, x, bias, *operands)
         return _forward(plan, x, bias, operands, save=False)[0]
-
-
-_measured: dict[Plan, bool] = {}  # plan -> whether materialising measured faster
-
-
-def measured_choices() -> dict[Plan, bool]:
-    """The plans whose dense-or-not choice was measured (half precision on CPU), and the choice."""
-    return dict(_measured)
-
-
-def _materialises(plan: Plan, x, operands, bias) -> bool:
-    """Whether to run `plan` as to_dense() + F.linear. The fp32 cost model decides in float32;
-    in half precision on CPU, where dense GEMMs run 4x faster than the batched ones and torch's
-    copies and half bmm layouts are far less even than the cost model's (measured off by 2-3x),
-    one measurement of both paths at the first call of each plan decides and is cached."""
-    if plan.precision != "half":  # half plans are CPU plans (run_plan)
-        return plan.materialise
-    if plan not in _measured:
-        import time
-
-        def seconds(path) -> float:
-            best = float("inf")
-            for _ in range(3):  # the first run fills the buffer pool
-                xs = x.detach().requires_grad_(x.requires_grad)
-                cs = [c.detach().requires_grad_(c.requires_grad) for c in operands]
-                bs = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
-                start = time.perf_counter()
-                with torch.enable_grad() if plan.training else torch.no_grad():
-                    y = path(plan, xs, cs, bs)
-                    wants = [t for t in (xs, *cs, bs) if t is not None and t.requires_grad]
-                    if plan.training and wants:
-                        torch.autograd.grad(y, wants, torch.ones_like(y))
-                best = min(best, time.perf_counter() - start)
-            return best
-
-        _measured[plan] = seconds(_materialised) < seconds(_planned)
-    return _measured[plan]
 
 
 @lru_cache(maxsize=8)

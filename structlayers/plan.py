@@ -37,6 +37,7 @@ _CALL_SECONDS = 10e-6    # fixed cost of one torch call from Python
 _BEAM = 24               # activation orders kept between matmuls (the cheapest so far)
 _ORDERS = 4              # contraction orders the layout search prices
 _FLOP_SLACK = 1.1        # ... each within this factor of the fewest FLOPs
+_PATHS_PER_STATE = 3     # layouts kept per activation order when candidates are wanted (tune.py)
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,31 @@ def make_plan(program: Program, tokens: int, training: bool = True, precision: s
 
 @lru_cache(maxsize=1024)
 def _plan(program: Program, tokens: int, training: bool, p: "Precision") -> Plan:
+    return _candidates(program, tokens, training, p, 1)[0]
+
+
+def candidate_plans(plan: Plan, count: int = 8, slack: float = 3.0) -> tuple[Plan, ...]:
+    """`plan` (the cost model's choice) and up to `count - 1` other plans for the same layer,
+    cheapest estimate first, each priced within `slack` times `plan`'s estimate: what a one-time
+    measurement picks from (tune.py), as the cost model's ranking of layouts is far from exact."""
+    p = PRECISIONS[plan.precision]
+    ranked = _candidates(plan.program, plan.tokens, plan.training, p, _PATHS_PER_STATE)
+    others = [c for c in ranked if c.matmuls != plan.matmuls and c.seconds <= slack * plan.seconds]
+    return (plan, *others[:count - 1])
+
+
+@lru_cache(maxsize=256)
+def _candidates(program: Program, tokens: int, training: bool, p: "Precision",
+                paths: int) -> tuple[Plan, ...]:
+    """Plans over every contraction order (`_contraction_orders`), cheapest estimate first, the
+    `paths` cheapest layouts kept per activation order between matmuls."""
     sizes = dict(program.sizes) | {TOKEN: tokens}
-    laid_out = (_layouts(steps, program, sizes, training, p) for steps in _contraction_orders(program))
-    matmuls, seconds = min(laid_out, key=lambda matmuls_seconds: matmuls_seconds[1])
-    return Plan(program, tokens, training, matmuls, seconds, _dense_seconds(program, tokens, training, p),
-                p.name)
+    dense_seconds = _dense_seconds(program, tokens, training, p)
+    laid_out = [(seconds, matmuls) for steps in _contraction_orders(program)
+                for seconds, matmuls in _layouts(steps, program, sizes, training, p, paths)]
+    laid_out.sort(key=lambda seconds_matmuls: seconds_matmuls[0])
+    return tuple(Plan(program, tokens, training, matmuls, seconds, dense_seconds, p.name)
+                 for seconds, matmuls in laid_out)
 
 
 def _dense_seconds(program: Program, tokens: int, training: bool, p: "Precision") -> float:
@@ -381,9 +402,10 @@ def _copy_seconds(source, target, sizes, training: bool, p: Precision) -> float:
     return (2 if training else 1) * (2 * p.element_bytes * numel / p.copy_rates[kind] + _CALL_SECONDS)
 
 
-def _layouts(steps, program: Program, sizes: dict, training: bool,
-             p: Precision) -> tuple[tuple[Matmul, ...], float]:
-    """Physical orders for every matmul: the cheapest path through the cost model.
+def _layouts(steps, program: Program, sizes: dict, training: bool, p: Precision,
+             paths: int = 1) -> list[tuple[float, tuple[Matmul, ...]]]:
+    """Physical orders for every matmul: the cheapest paths through the cost model, cheapest
+    first (the `paths` cheapest kept per state; 1: the cheapest path alone).
 
     States are the activation's physical order between matmuls; from each, a matmul reads it in
     place if it can, else copies it to an order it can read; it writes any order whose groups are
@@ -391,11 +413,11 @@ def _layouts(steps, program: Program, sizes: dict, training: bool,
     cheapest states survive each matmul, so many-core programs plan in milliseconds.
     """
     start = (TOKEN, *program.in_modes)
-    best = {start: (0.0, ())}  # order -> (seconds, matmuls so far)
+    best = {start: [(0.0, ())]}  # order -> [(seconds, matmuls so far)], cheapest first
     for step in steps:
         g = groups(step)
         candidates = {}
-        for source, (seconds, done) in best.items():
+        for source, (seconds, done) in ((s, path) for s, kept in best.items() for path in kept):
             read = _readable(source, g["blocks"], g["rows"], g["sums"], sizes)
             reads = [] if read is None else [(source, read, 0.0)]
             if read is None or (p.name == "half" and _layout(source, *read) != "BR"):
@@ -412,14 +434,16 @@ def _layouts(steps, program: Program, sizes: dict, training: bool,
                         cost = (seconds + copy + _core_seconds(step, blocks, sums, made, sizes, training, p)
                                 + _matmul_seconds(x_order, out_order, blocks, rows, sums, made, sizes,
                                                   training, p))
-                        if out_order not in candidates or cost < candidates[out_order][0]:
+                        kept = candidates.setdefault(out_order, [])
+                        if len(kept) < paths or cost < kept[-1][0]:
                             matmul = Matmul(step, source, x_order, out_order, blocks, rows, sums, made)
-                            candidates[out_order] = (cost, (*done, matmul))
-        best = dict(sorted(candidates.items(), key=lambda item: item[1][0])[:_BEAM])
+                            kept.append((cost, (*done, matmul)))
+                            kept.sort(key=lambda path: path[0])
+                            del kept[paths:]
+        best = dict(sorted(candidates.items(), key=lambda item: item[1][0][0])[:_BEAM])
     end = (TOKEN, *program.out_modes)
-    seconds, matmuls = min(((cost + _copy_seconds(order, end, sizes, training, p), done)
-                            for order, (cost, done) in best.items()), key=lambda pair: pair[0])
-    return matmuls, seconds
+    return sorted(((cost + _copy_seconds(order, end, sizes, training, p), done)
+                   for order, kept in best.items() for cost, done in kept), key=lambda path: path[0])
 
 
 def _made_orders(made) -> list[tuple[str, ...]]:

@@ -385,7 +385,8 @@ def test_half_plans_match_the_einsum_program(spec):
 def test_half_dense_or_not_is_measured_once_per_plan():
     """Where this CPU runs bf16 matmuls natively, the choice between the plan and to_dense() +
     F.linear is one measurement per plan, cached, and either way the output is the layer's."""
-    from structlayers.execute import _half_is_slow, measured_choices
+    from structlayers.execute import _half_is_slow
+    from structlayers.tune import measured as measured_choices
 
     if _half_is_slow(torch.bfloat16):
         pytest.skip("bf16 runs in float32 on this CPU: the fp32 cost model decides")
