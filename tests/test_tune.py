@@ -137,6 +137,6 @@ def test_no_measurement_under_a_dispatch_mode():
 
     layer = sl.build("tt:cores=3,rank=4", 64, 96)
     tune.forget()
-    with tune.tuning(min_seconds=0), FlopCounterMode(display=False) as counter:
+    with tune.tuning(min_seconds=0), sl.backend("torch"), FlopCounterMode(display=False) as counter:
         layer(torch.randn(100, 64))
     assert tune.measured() == {} and counter.get_total_flops() == layer.flops(100)
