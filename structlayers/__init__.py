@@ -1,6 +1,6 @@
 """structlayers: tensor-network and structured-matrix layers that replace nn.Linear."""
 
-from . import mup, precision
+from . import mup, precision, tune
 from .base import StructuredLinear
 from .checkpoint import load, load_plan, save, save_plan
 from .hf import from_pretrained, save_pretrained
@@ -14,7 +14,7 @@ __all__ = [
     "BTT", "STRUCTURES", "TT", "Dense", "Kronecker", "LowRank", "Monarch", "StructuredLinear",
     "Tucker", "backend", "build", "from_pretrained", "load", "load_plan", "mup", "parse_spec",
     "plan_of", "precision", "register_linear_like", "restructure", "save", "save_plan",
-    "save_pretrained", "structurize", "unregister_linear_like",
+    "save_pretrained", "structurize", "tune", "unregister_linear_like",
 ]
 __version__ = "0.1.0"
 

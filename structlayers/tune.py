@@ -25,7 +25,7 @@ from .plan import Plan, candidate_plans
 MIN_SECONDS = 2e-3  # measure plans the cost model prices at least this (tiny layers: the model)
 BUDGET_SECONDS = 2.0  # time one measurement may take, after its first two rounds
 CANDIDATES = 6  # layouts timed per plan (the cost model's cheapest)
-_ROUNDS = 3  # the first fills the buffer pool; the best of the others counts
+_ROUNDS = 4  # the first fills the buffer pool; the best of the others counts
 
 _settings = {"enabled": True, "min_seconds": MIN_SECONDS, "budget": BUDGET_SECONDS}
 
